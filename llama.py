@@ -1,0 +1,550 @@
+"""Llama from scratch: the decoder, a Hugging Face checkpoint loader, the tokenizer and KV-cached generation.
+
+One file, plain PyTorch. It reads a Hugging Face checkpoint folder (config.json, *.safetensors,
+tokenizer.json) with no `transformers`, for the Llama family as users have it on disk: Llama 2,
+Llama 3/3.1/3.2 (rope_scaling "llama3"), "linear" rope scaling, TinyLlama, SmolLM/SmolLM2, Mistral and
+Qwen2/2.5 (bias on q/k/v).
+
+    x -> embed -> [ RMSNorm -> GQA attention (RoPE) -> + -> RMSNorm -> SwiGLU MLP -> + ] x L -> RMSNorm -> lm_head
+
+References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, its rope scaling), Su et al. 2021
+(RoPE), Ainslie et al. 2023 (GQA), Shazeer 2020 (SwiGLU), Zhang & Sennrich 2019 (RMSNorm).
+
+Checked against: the logits, NLL and greedy tokens of transformers' LlamaForCausalLM on
+SmolLM2-135M-Instruct (../shared/golden, logits to 1e-3 in fp32), see test_golden_parity in test_all.py.
+
+Run:  python llama.py --model PATH --prompt "The capital of France is" [--chat] [--max-new-tokens 40]
+
+Shape legend: B batch, T time (new tokens), S keys (past + new), D hidden, H query heads, KV key/value
+heads, hd head dim, I FFN width, V vocab, M selected positions.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the keys of the checkpoint's config.json, nothing renamed
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    use_sliding_window: bool = True
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | list | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
+    torch_dtype: str | None = None
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        arch = (self.architectures or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"config.json: architectures={arch!r} is not supported (expected one of {', '.join(ARCHITECTURES)})")
+        if self.hidden_act != "silu":
+            raise ValueError(f"config.json: hidden_act={self.hidden_act!r} is not supported (expected 'silu')")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}")
+        rope_inv_freq(self)  # validates rope_scaling early, with a one-line error
+
+    @property
+    def qkv_bias(self):
+        # Qwen2 has a bias on q/k/v (and none on o) without saying so in config.json.
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def context_length(self):
+        # NOTE: Mistral's sliding-window attention equals full causal attention up to the window length,
+        # so we attend fully and refuse longer sequences instead of implementing the window.
+        window = self.sliding_window if (self.sliding_window and self.use_sliding_window and self.model_type != "qwen2") else None
+        return min(self.max_position_embeddings, window or self.max_position_embeddings)
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small pure functions: rotary embeddings
+
+def rope_inv_freq(cfg, device=None):
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, with the checkpoint's rope_scaling applied.
+
+    linear:  inv_freq / factor                  (Chen et al. 2023, position interpolation)
+    llama3:  long wavelengths (> original_ctx / low_freq_factor) divided by factor, short ones
+             (< original_ctx / high_freq_factor) kept, and a smooth blend in between (Llama 3.1).
+    """
+    hd = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)  # (hd/2,)
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / rs["factor"]
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 at long wavelengths, 1 at short
+        return (1 - smooth) * inv / factor + smooth * inv
+    raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (expected linear or llama3)")
+
+
+def rotate_half(x):
+    # HF's split-halves RoPE: pairs are (x_i, x_{i+hd/2}), so q/k weights load without permutation.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (B,H,T,hd) rotated by the angles in cos/sin (B,1,T,hd): x cos + rotate_half(x) sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules, smallest first
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys/values per layer, (B, KV, S_max, hd); `length` tokens are filled."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+
+    def update(self, i, k, v):
+        """Write k, v (B,KV,T,hd) after the cached tokens; return all keys/values (B,KV,S,hd)."""
+        end = self.length + k.shape[2]
+        self.k[i][:, :, self.length:end] = k
+        self.v[i][:, :, self.length:end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share KV key/value heads."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache, i):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)   # (B,H,T,hd)
+        k = self.k_proj(x).view(B, T, self.KV, self.hd).transpose(1, 2)  # (B,KV,T,hd)
+        v = self.v_proj(x).view(B, T, self.KV, self.hd).transpose(1, 2)  # (B,KV,T,hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(i, k, v)                                  # (B,KV,S,hd)
+        causal = mask is None and T > 1  # the model builds an explicit mask whenever past > 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.H != self.KV)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.hd))  # (B,T,D)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU FFN (Shazeer 2020): down(silu(gate(u)) * up(u)). D -> I -> D."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, u, token_mask=None):
+        # token_mask (B,T) is unused here; MoE replacements use it to skip padding in routing.
+        return self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. The MLP may return (y, aux): aux (router/gate logits) is passed up untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, i, token_mask):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
+        out = self.mlp(self.post_attention_layernorm(h), token_mask)
+        y, aux = out if isinstance(out, tuple) else (out, None)
+        return h + y, aux
+
+
+@dataclass
+class LlamaOutput:
+    logits: torch.Tensor          # (B,T,V), or (M,V) at the positions of logits_mask
+    aux: list                     # per layer: what its MLP returned besides y, or None
+    hidden: torch.Tensor          # (B,T,D) final normed hidden states
+    cache: KVCache | None = None
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, logits_mask=None, cache=None):
+        """input_ids (B,T); attention_mask (B,S) 1 = token, 0 = padding, left or right (S = past + T
+        when a cache is used); logits_mask (B,T) bool: compute the LM head only there."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.context_length:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's context ({self.config.context_length})")
+        dev = input_ids.device
+        mask = None
+        if attention_mask is not None:
+            am = attention_mask.to(device=dev, dtype=torch.long)
+            pos = (am.cumsum(-1) - 1).clamp(min=0)[:, past:]                  # (B,T) positions skip padding
+            token_mask = am[:, past:].bool()                                   # (B,T)
+            if not bool(am.all()):
+                q_idx = torch.arange(past, past + T, device=dev)[:, None]      # (T,1)
+                k_idx = torch.arange(past + T, device=dev)[None, :]            # (1,S)
+                # Causal & key is not padding; a padding query also sees itself so no row is empty (no NaN).
+                mask = ((k_idx <= q_idx) & am[:, None, :].bool()) | (k_idx == q_idx)  # (B,T,S)
+                mask = mask[:, None]                                           # (B,1,T,S)
+        else:
+            pos = torch.arange(past, past + T, device=dev).expand(B, T)       # (B,T)
+            token_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        if mask is None and cache is not None and T > 1 and past > 0:
+            mask = (torch.arange(past + T, device=dev)[None, :] <= torch.arange(past, past + T, device=dev)[:, None])[None, None]
+
+        x = self.model.embed_tokens(input_ids)                                 # (B,T,D)
+        ang = pos[..., None].float() * self.inv_freq                           # (B,T,hd/2)
+        ang = torch.cat((ang, ang), dim=-1)[:, None]                           # (B,1,T,hd)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        aux = []
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x, a = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, token_mask, use_reentrant=False)
+            else:
+                x, a = layer(x, cos, sin, mask, cache, i, token_mask)
+            aux.append(a)
+        if cache is not None:
+            cache.length += T
+        hidden = self.model.norm(x)                                            # (B,T,D)
+        logits = self.lm_head(hidden if logits_mask is None else hidden[logits_mask])  # (B,T,V) or (M,V)
+        return LlamaOutput(logits, aux, hidden, cache)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and saving Hugging Face checkpoint folders
+
+def _safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a valid shard index ({e})") from None
+        return [os.path.join(path, n) for n in files]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def _read_tensors(files, dtype):
+    """Yield (name, tensor in `dtype`) one tensor at a time. Each tensor is read through its own
+    memory map that is closed before the next, so loading never holds the file and the model at once."""
+    from safetensors import safe_open
+    for fn in files:
+        if not os.path.exists(fn):
+            raise FileNotFoundError(f"{fn}: shard named in the index does not exist")
+        try:
+            with safe_open(fn, framework="pt") as f:
+                names = list(f.keys())
+            for name in names:
+                with safe_open(fn, framework="pt") as f:
+                    yield name, f.get_tensor(name).to(dtype)
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            if isinstance(e, (ValueError, FileNotFoundError)) and str(e).startswith(fn):
+                raise
+            raise ValueError(f"{fn}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def from_pretrained(path, dtype=torch.float32, device="cpu"):
+    """Load a Hugging Face checkpoint folder. The model is built on the meta device and the tensors are
+    assigned as they are read, so no randomly initialised copy is ever allocated."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+    cfg = LlamaConfig.from_json(cfg_path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    sd = {}
+    for name, t in _read_tensors(_safetensors_files(path), dtype):
+        if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue  # recomputed from config / tied to the embedding
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {name!r} (not part of a {cfg.architectures[0]})")
+        if tuple(t.shape) != tuple(expected[name]):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+        sd[name] = t.to(device)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg, device=device)
+    model.path = path
+    return model.eval()
+
+
+def save_pretrained(model, path, tokenizer_src=None, dtype=None):
+    """Write config.json + model.safetensors (+ tokenizer files copied from tokenizer_src) atomically:
+    the folder is assembled beside `path` and renamed into place."""
+    from safetensors.torch import save_file
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    cfg = model.config.to_dict()
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    for name in TOKENIZER_FILES if tokenizer_src else ():
+        if os.path.exists(os.path.join(tokenizer_src, name)):
+            shutil.copy(os.path.join(tokenizer_src, name), tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: tokenizer.json + the special tokens and chat template of tokenizer_config.json
+
+class Tokenizer:
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        fn = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(fn):
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        self.tok = HFTokenizer.from_file(fn)
+        conf = {}
+        for name in ("special_tokens_map.json", "generation_config.json", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(path, name)):  # later files win
+                with open(os.path.join(path, name)) as f:
+                    conf.update({k: v for k, v in json.load(f).items() if v is not None})
+        self.conf = conf
+        self.bos_id = self._token_id(conf.get("bos_token"), conf.get("bos_token_id"))
+        self.eos_id = self._token_id(conf.get("eos_token"), conf.get("eos_token_id"))
+        self.pad_id = self._token_id(conf.get("pad_token"), conf.get("pad_token_id"))
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+        self.bos_token = self.tok.id_to_token(self.bos_id) if self.bos_id is not None else ""
+        self.eos_token = self.tok.id_to_token(self.eos_id) if self.eos_id is not None else ""
+        # Does this tokenizer put BOS in front by default? (Llama 2/3: yes; SmolLM2: no)
+        probe = self.tok.encode("a", add_special_tokens=True).ids
+        self.add_bos_default = conf.get("add_bos_token", bool(probe) and probe[0] == self.bos_id)
+        template = conf.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+
+    def _token_id(self, token, token_id):
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and self.tok.token_to_id(token) is not None:
+            return self.tok.token_to_id(token)
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return token_id
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text, add_bos=None):
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        add = self.add_bos_default if add_bos is None else add_bos
+        return ([self.bos_id] if add and self.bos_id is not None else []) + ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Render the checkpoint's Jinja chat template as transformers does (trim/lstrip blocks)."""
+        if not self.chat_template:
+            raise ValueError("tokenizer_config.json has no chat_template (this checkpoint is not a chat model)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise ValueError(f"chat template: {msg}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token)
+
+
+def load_tokenizer(path):
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation with a KV cache
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None):
+    """logits (B,V) -> next ids (B,). Greedy at temperature 0; else top-k, then top-p (nucleus), then sample."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]   # (B,1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(-1, descending=True)                     # (B,V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p                           # keep the crossing token
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+             attention_mask=None, use_cache=True):
+    """Return only the new ids (B, n_new). Batched prompts are left-padded (attention_mask 0 on the left).
+    Rows that hit eos_id keep emitting it; decoding stops once every row has. use_cache=False re-runs the
+    full sequence every step (the slow reference that the cached path must match token for token)."""
+    B, T = input_ids.shape
+    if T + max_new_tokens > model.config.context_length:
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context ({model.config.context_length})")
+    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    p = next(model.parameters())
+    cache = KVCache(model.config, B, T + max_new_tokens, p.dtype, p.device) if use_cache else None
+    ids, new = input_ids, []
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(step_ids if use_cache else ids, attention_mask=am, cache=cache).logits[:, -1]  # (B,V)
+        nxt = sample_next(logits, temperature, top_k, top_p)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        new.append(nxt)
+        step_ids = nxt[:, None]                                                   # (B,1)
+        ids = torch.cat([ids, step_ids], 1)
+        am = torch.cat([am, torch.ones_like(step_ids)], 1)
+        if eos_id is not None and bool(done.all()):
+            break
+    return torch.stack(new, 1)                                                    # (B,n_new)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo: python llama.py --model PATH --prompt "..."
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate text with a Llama-family checkpoint folder.")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    ap.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the checkpoint's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=40, help="number of tokens to generate")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    args = ap.parse_args(argv)
+    try:
+        torch.manual_seed(args.seed)
+        model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        tok = load_tokenizer(args.model)
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        ids = torch.tensor([tok.encode(text, add_bos=None if not args.chat else False)], device=args.device)
+        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id=tok.eos_id)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    print(text + tok.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()
