@@ -1,0 +1,345 @@
+"""
+losses.py: every loss of the project, as pure functions returning scalar tensors.
+
+    router losses     load_balancing_loss, dynamic_load_balancing_loss, switch_aux_loss,
+                      router_z_loss                  (MixLoRA / MoE-PEFT, Switch, ST-MoE)
+    quality losses    quality_loss(kind=...)          (Select-MoE quality gate)
+    task losses       lm_loss, classification_loss    (next-token CE; sequence classification)
+    combination       total_loss                      CE + aux_coef * (LB + w_q * L_q) + z_coef * Z
+
+References: Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, sec. 2.2 eq. 4-6), ST-MoE
+(Zoph et al. 2022, arXiv 2202.08906, sec. 3.1 eq. 5), Mixtral / HF `load_balancing_loss_func`,
+MixLoRA (Li et al. 2024, arXiv 2404.15159, sec. 3, auxiliary loss) as coded in MoE-PEFT,
+Huang et al. 2024 (dynamic routing), and Select-MoE (FGinfinite/Qualitiy-Gate, no paper; see
+../shared/reference/select_moe.md sec. 3). Every docstring states what is averaged and how padding
+is masked. The losses return UNSCALED values; coefficients are applied by the caller (total_loss).
+
+Checked by test_routers_losses.py against hand-worked values (3 tokens x 2 experts for each router
+loss, a 2 x 3 batch for each quality loss and averaging), uniform routing giving k, masked padding
+changing nothing, and gradients reaching a gate weight through every quality loss.
+Run `python losses.py` for a small demo.
+
+Shape legend: B batch, T time, N = B*T tokens, L layers, E experts, K top-k, V vocab, C classes.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Reference defaults (MoE-PEFT `MixLoraConfig`): 0.001 in code for both coefficients.
+# The MixLoRA paper text and the README examples say 1e-2 (the paper's Table 9 ablation favours 1e-3).
+ROUTER_AUX_LOSS_COEF = 0.001
+ROUTER_Z_LOSS_COEF = 0.001
+# Select-MoE: its total loss multiplies L_q by router_aux_loss_coef too, which there is OLMoE's 0.01;
+# quality_loss_weight is 0.5 in its config class but 1.0 in stage_1_warmup.yaml (the value in effect).
+SELECT_MOE_ROUTER_AUX_LOSS_COEF = 0.01
+QUALITY_LOSS_WEIGHT = 1.0
+# Select-MoE moment-matching defaults (SelectMoeConfig): Beta(2,2) has mean 0.5 and variance 0.05.
+BETA_TARGET_MEAN, BETA_TARGET_VAR, W_MEAN, W_VAR, LAMBDA_VAR = 0.5, 0.05, 1.0, 1.0, 0.1
+QUALITY_LOSS_KINDS = ("sigmoid", "mse", "bce", "beta_moment_matching", "mean_variance_regularization")
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _pool_layers(router_logits, token_mask):
+    """Concatenate the layers' router logits along the token axis, and tile the mask to match.
+
+    router_logits: a list over layers of (N, E) (any (..., E) is flattened), or one tensor.
+    token_mask: (N,) or (B, T) bool/0-1, True = real token; None = every token counts.
+    Returns z (L*N, E) fp32 and m (L*N,) fp32 0/1.
+    """
+    layers = [router_logits] if torch.is_tensor(router_logits) else list(router_logits)
+    if not layers:
+        raise ValueError("router_logits: expected at least one layer, got an empty list")
+    e = layers[0].shape[-1]
+    z = torch.cat([l.reshape(-1, e).float() for l in layers])         # (L*N, E)
+    if token_mask is None:
+        return z, torch.ones(z.shape[0], device=z.device)
+    m = token_mask.reshape(-1).to(z)                                   # (N,)
+    if z.shape[0] != m.shape[0] * len(layers):
+        raise ValueError(f"token_mask: {m.shape[0]} tokens but each layer has "
+                         f"{z.shape[0] // len(layers)}")
+    return z, m.repeat(len(layers))                                    # (L*N,)
+
+
+def _masked_mean(v, m):
+    """Mean of v (M, ...) over its first axis, counting only rows with m (M,) = 1; 0 if none."""
+    m = m.reshape(-1, *([1] * (v.dim() - 1)))
+    return (v * m).sum(0) / m.sum().clamp(min=1.0)
+
+
+def _balance(z, m, selected):
+    """E * sum_e f_e P_e; f_e = masked fraction of tokens that selected e, P_e = masked mean prob."""
+    p = F.softmax(z, dim=-1)                                           # (L*N, E)
+    f = _masked_mean(selected.float(), m)                              # (E,) sum_e f_e = experts/token
+    p_mean = _masked_mean(p, m)                                        # (E,)
+    return z.shape[-1] * (f * p_mean).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Router losses (inputs: list over layers of router logits (N, E) fp32, token_mask (N,))
+
+
+def load_balancing_loss(router_logits, token_mask=None, top_k=2):
+    """Top-k load-balancing loss (Switch eq. 4, top-k form of Mixtral / HF `load_balancing_loss_func`).
+
+        p_t = softmax(z_t);   S_t = top-k experts of p_t
+        f_e = sum_t m_t [e in S_t] / sum_t m_t          fraction of tokens whose top-k includes e
+        P_e = sum_t m_t p_t,e / sum_t m_t                mean router probability of e
+        L_LB = E * sum_e f_e P_e
+
+    Averaged over: the real tokens of ALL layers pooled. Like the reference (MoE-PEFT
+    `_mixtral_load_balancing_loss_func`) and HF Mixtral, the layers' logits are concatenated along
+    the token axis and the loss is computed once, so it is a mean over layers in its normalisation
+    (never a sum), but f and P are pooled before the product: it is not the mean of per-layer losses
+    (the tests show a 2-layer case where the two differ).
+    Padding: m_t = token_mask, tiled over layers; padding rows count in neither sum.
+    Reference f is per slot j (k, E) and summed in the product; summing over j first is identical.
+    Uniform routing (p_t,e = 1/E) gives E * sum_e (k/E)(1/E) = k, i.e. k * coef after the coefficient.
+    """
+    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
+    if not 1 <= top_k <= z.shape[-1]:
+        raise ValueError(f"top_k: expected an integer in [1, {z.shape[-1]}], got {top_k!r}")
+    p = F.softmax(z, dim=-1)
+    top_i = torch.topk(p, top_k, dim=-1).indices                       # (L*N, K)
+    selected = torch.zeros_like(p).scatter(-1, top_i, 1.0)             # (L*N, E) 0/1
+    return _balance(z, m, selected)
+
+
+def _top_p_selection(p, top_p, temperature):
+    """The reference's top-p selection (same rule as routers.top_p_mask): crossing expert kept, >= 1."""
+    q = p / temperature if temperature > 0.0 else p                    # reference divides probabilities
+    sorted_q, order = torch.sort(q, dim=-1, descending=True, stable=True)
+    before = F.pad(sorted_q.cumsum(-1)[..., :-1], (1, 0))              # exclusive cumulative sum
+    return torch.zeros_like(q).scatter(-1, order, (before <= top_p).to(q))  # (M, E) 0/1
+
+
+def dynamic_load_balancing_loss(router_logits, token_mask=None, top_p=0.8, temperature=0.0):
+    """Load-balancing loss of the top-p router (MoE-PEFT `_dynamic_load_balancing_loss_func`).
+
+        p_t = softmax(z_t);   S_t = top-p set of p_t / temperature (routers.top_p_weights' rule)
+        f_e = sum_t m_t [e in S_t] / sum_t m_t;   P_e = sum_t m_t p_t,e / sum_t m_t   (untempered p)
+        L = E * sum_e f_e P_e
+
+    Averaged over: real tokens of all layers pooled (layers concatenated, as load_balancing_loss).
+    Uniform routing gives the mean number of experts selected per token (E with top_p = 0.8, since a
+    uniform split keeps every expert).
+    Padding: masked by token_mask.
+    NOTE: the reference passes no mask here and counts padding tokens; token_mask=None reproduces it.
+    Huang et al. (2024, sec. 3.2) pair this with an entropy loss that the reference does not use.
+    """
+    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
+    selected = _top_p_selection(F.softmax(z, dim=-1), top_p, temperature)  # (L*N, E) 0/1
+    return _balance(z, m, selected)
+
+
+def switch_aux_loss(router_logits, token_mask=None):
+    """Switch Transformer auxiliary load-balancing loss (Fedus et al. 2021, sec. 2.2, eq. 4-6).
+
+        f_e = fraction of real tokens whose argmax expert is e;   P_e = mean router probability of e
+        L_aux = E * sum_e f_e P_e          (the reference writes it E^2 * mean_e f_e P_e)
+
+    f is recomputed from the logits, so tokens dropped by the capacity still count for their expert
+    (as the reference does: "recompute expert indexes"). Uniform routing gives 1.
+    Averaged over: real tokens of all layers pooled (layers concatenated).
+    Padding: masked by token_mask.
+    NOTE: the reference's SwitchRouterLoss ignores the attention mask; token_mask=None reproduces it.
+    """
+    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
+    selected = F.one_hot(z.argmax(dim=-1), z.shape[-1])                # (L*N, E) 0/1
+    return _balance(z, m, selected)
+
+
+def router_z_loss(router_logits, token_mask=None):
+    """Router z-loss (ST-MoE, Zoph et al. 2022, sec. 3.1, eq. 5): keeps router logits small.
+
+        L_z = (1/N) sum_t (log sum_e exp z_t,e)^2
+
+    Averaged over: real tokens of all layers pooled (with equal tokens per layer this is exactly the
+    mean over layers of the per-layer z-loss). Padding: masked by token_mask.
+    NOTE: the reference (SwitchRouterLoss) does not mask padding; token_mask=None reproduces it.
+    """
+    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
+    return _masked_mean(torch.logsumexp(z, dim=-1) ** 2, m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quality (Select-MoE) losses (inputs: list over layers of gate logits s (B, T), token_mask (B, T))
+
+
+def _mean_over_tokens(r, m, sample_wise):
+    """Average per-token values r (B, T) over valid tokens m (B, T) (Select-MoE sec. 3.2).
+
+    token-wise:  sum_{b,t} m r / sum_{b,t} m                                 (0 if no valid token)
+    sample-wise: mean over samples with >= 1 valid token of (sum_t m r / sum_t m)
+    """
+    if not sample_wise:
+        return (r * m).sum() / m.sum().clamp(min=1.0)
+    n_b = m.sum(dim=1)                                                 # (B,) valid tokens per sample
+    per_sample = (r * m).sum(dim=1) / n_b.clamp(min=1.0)               # (B,)
+    has = (n_b > 0).to(r)                                              # (B,)
+    return (per_sample * has).sum() / has.sum().clamp(min=1.0)
+
+
+def _moments(g, m, sample_wise):
+    """Mean and unbiased variance of the pooled gate values, differentiable.
+
+    Pooling unit: token-wise, every valid token of the micro-batch (the reference as coded);
+    sample-wise, one value per sample with >= 1 valid token, the mean gate over its valid tokens.
+    The second unit is the one that matters for data selection: the score ranks SAMPLES, so a
+    target distribution (Beta(2,2), or "spread around 0.5") should hold across samples, not across
+    one sample's tokens (which is what the reference pools with its batch size of 1, where the
+    loss cannot make samples differ). With fewer than 2 pooled values the variance is taken as 0.
+    """
+    if sample_wise:
+        n_b = m.sum(dim=1)                                             # (B,)
+        vals = ((g * m).sum(dim=1) / n_b.clamp(min=1.0))[n_b > 0]      # (B',) per-sample mean gate
+    else:
+        vals = g[m > 0]                                                # (M,) valid tokens
+    if vals.numel() == 0:
+        return g.sum() * 0.0, g.sum() * 0.0                            # no valid token: 0, still a graph
+    mu = vals.mean()
+    var = vals.var(unbiased=True) if vals.numel() > 1 else vals.sum() * 0.0
+    return mu, var
+
+
+def quality_loss(gate_logits, token_mask, kind="sigmoid", sample_wise=False, labels=None,
+                 beta_target_mean=BETA_TARGET_MEAN, beta_target_var=BETA_TARGET_VAR,
+                 w_mean=W_MEAN, w_var=W_VAR, lambda_var=LAMBDA_VAR):
+    """Select-MoE quality-gate loss L_q (select_moe.md sec. 3), averaged with equal weight over layers.
+
+    g_{l,b,t} = sigmoid(s_{l,b,t}) is the layer-l gate of token t of sample b; m_{b,t} the token mask.
+    Per-layer loss L_l by kind:
+        "sigmoid"   r = g                      mean gate value (the reference's default): pushes
+                                               tokens to the trash, against the LM loss
+        "mse"       r = g^2                    squared penalty, target 0
+        "bce"       r = BCE(s, y_b)            = -(y_b log g + (1 - y_b) log(1 - g)), with per-sample
+                                               quality labels y (B,) in [0, 1] broadcast over tokens
+                                               (the form the design note describes; BCE-with-logits
+                                               for numerical stability)
+        for these, L_l = token-wise or sample-wise mean of r (see below)
+        "beta_moment_matching"          L_l = w_mean (mu - beta_target_mean)^2
+                                              + w_var (v - beta_target_var)^2
+        "mean_variance_regularization"  L_l = (mu - 0.5)^2 - lambda_var * v
+        where mu, v are the mean and unbiased variance of the pooled gate values: every valid token
+        (token-wise) or every sample's mean gate (sample-wise); see _moments for why.
+    L_q = (1/L) sum_l L_l.
+
+    Averaging (sample_wise, the reference's `sample_wise_averaging`): token-wise is the mean of r
+    over all valid tokens of the batch; sample-wise is the mean over each sample's valid tokens,
+    then over the samples that have any. Padding (token_mask False) is masked out everywhere;
+    a layer with no valid token contributes 0.
+    Defaults (SelectMoeConfig): beta_target_mean 0.5, beta_target_var 0.05, w_mean 1.0, w_var 1.0,
+    lambda_var 0.1; kind "sigmoid"; sample_wise False in the config class but True in the
+    reference's stage-1 yaml.
+    NOTE: the reference computes both moment losses through `.item()`, so they carry no gradient
+    (its bug B2); here every kind is differentiable in the gate logits.
+    """
+    if kind not in QUALITY_LOSS_KINDS:
+        raise ValueError(f"quality_loss_type: unknown {kind!r}, "
+                         f"expected one of {', '.join(QUALITY_LOSS_KINDS)}")
+    layers = [gate_logits] if torch.is_tensor(gate_logits) else list(gate_logits)
+    if not layers:
+        raise ValueError("gate_logits: expected at least one layer, got an empty list")
+    s0 = layers[0]
+    m = (torch.ones(s0.shape[:2], device=s0.device) if token_mask is None
+         else token_mask.reshape(s0.shape[0], -1).float())             # (B, T)
+    if kind == "bce":
+        if labels is None or labels.numel() != m.shape[0]:
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"quality_loss: kind 'bce' needs per-sample quality labels ({m.shape[0]},), "
+                             f"got {got}")
+        y = labels.reshape(-1, 1).float().expand_as(m)                 # (B, T) label broadcast
+    per_layer = []
+    for s in layers:
+        s = s.reshape(m.shape).float()                                 # (B, T) ((B, T, 1) accepted)
+        g = torch.sigmoid(s)                                           # (B, T)
+        if kind == "sigmoid":
+            per_layer.append(_mean_over_tokens(g, m, sample_wise))
+        elif kind == "mse":
+            per_layer.append(_mean_over_tokens(g * g, m, sample_wise))
+        elif kind == "bce":
+            r = F.binary_cross_entropy_with_logits(s, y, reduction="none")  # (B, T)
+            per_layer.append(_mean_over_tokens(r, m, sample_wise))
+        else:
+            mu, v = _moments(g, m, sample_wise)
+            if kind == "beta_moment_matching":
+                per_layer.append(w_mean * (mu - beta_target_mean) ** 2
+                                 + w_var * (v - beta_target_var) ** 2)
+            else:
+                per_layer.append((mu - 0.5) ** 2 - lambda_var * v)
+    return torch.stack(per_layer).mean()                               # equal weight per layer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task losses
+
+
+def lm_loss(logits, targets, reduction="sum"):
+    """Next-token cross-entropy in fp32: -sum_i log softmax(logits_i)[targets_i].
+
+    logits (M, V) are the LM-head outputs at the M positions that have a target (already shifted:
+    row i predicts targets[i]); targets (M,) long, -100 = ignored. reduction "sum" (default: train.py
+    divides by the number of target tokens of the whole optimiser step, so that gradient accumulation
+    weighs every token equally), "mean" or "none".
+    """
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction=reduction)
+
+
+def classification_loss(logits, labels, multi_label=False):
+    """Sequence-classification loss on pooled logits (B, C) (MoE-PEFT `ClassificationOutputLayer`).
+
+    single-label: cross-entropy, labels (B,) long class ids, mean over the batch;
+    multi-label:  binary cross-entropy with logits, labels (B, C) in {0, 1}, mean over B*C entries
+                  (torch's BCEWithLogitsLoss default, as the reference uses it). fp32.
+    """
+    logits = logits.float()
+    if multi_label:
+        if labels.shape != logits.shape:
+            raise ValueError(f"multi-label labels: expected shape {tuple(logits.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels.reshape(-1).long())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Combination
+
+
+def total_loss(ce, lb=None, z=None, quality=None, router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
+               router_z_loss_coef=ROUTER_Z_LOSS_COEF, quality_loss_weight=QUALITY_LOSS_WEIGHT):
+    """The training objective, as the references combine their terms.
+
+        loss = CE + router_aux_loss_coef * (L_LB + quality_loss_weight * L_q) + router_z_loss_coef * L_z
+
+    The bracket is Select-MoE's total loss exactly as coded (its README leaves out the factor
+    router_aux_loss_coef, 0.01 there: SELECT_MOE_ROUTER_AUX_LOSS_COEF; quality_loss_weight 1.0 in
+    its stage-1 yaml, 0.5 in its config class). The z term is MoE-PEFT's Switch loss
+    (z_coef * z + aux_coef * aux). Missing terms (None) count as 0. MixLoRA defaults: 0.001, 0.001.
+    """
+    aux = 0.0 if lb is None else lb
+    if quality is not None:
+        aux = aux + quality_loss_weight * quality
+    loss = ce + router_aux_loss_coef * aux
+    if z is not None:
+        loss = loss + router_z_loss_coef * z
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    L, B, T, E = 2, 2, 4, 4
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)  # (B, T)
+    logits = [torch.randn(B * T, E) for _ in range(L)]                  # L x (N, E)
+    print(f"uniform top-2 LB = {load_balancing_loss([torch.zeros(B * T, E)], mask, 2).item():.4f} (k)")
+    print(f"top-2 LB         = {load_balancing_loss(logits, mask, 2).item():.4f}")
+    print(f"top-p LB         = {dynamic_load_balancing_loss(logits, mask, 0.8).item():.4f}")
+    print(f"switch aux       = {switch_aux_loss(logits, mask).item():.4f}")
+    print(f"z-loss           = {router_z_loss(logits, mask).item():.4f}")
+    gates = [torch.randn(B, T) for _ in range(L)]                       # L x (B, T)
+    for kind in QUALITY_LOSS_KINDS:
+        q = quality_loss(gates, mask, kind, sample_wise=True, labels=torch.tensor([1.0, 0.0]))
+        print(f"quality {kind:<29}= {q.item():+.4f}")

@@ -1,0 +1,268 @@
+"""
+routers.py: the three MixLoRA routers (top-k, top-p, Switch top-1 with capacity), in fp32.
+
+A router maps each token's FFN input x_t (the post-attention RMSNorm output) to a DENSE row of
+routing weights over the E experts; the MoE FFN (moe_lora.py) then computes
+    y_t = sum_e weights[t, e] * expert_e(x_t)
+and skips the experts whose weight is 0. One module, `Router`, serves the three strategies of the
+reference implementation (MoE-PEFT, `routing_strategy`):
+
+    "mixlora"          top-k, weights renormalised over the k      (Mixtral; MixLoRA paper, Li et al.
+                                                                    2024, arXiv 2404.15159, sec. 3)
+    "mixlora-dynamic"  top-p, raw probabilities, no renormalisation (Huang et al. 2024, "Harder Tasks
+                                                                    Need More Experts", sec. 3)
+    "mixlora-switch"   top-1 with expert capacity, weight = p_max   (Switch Transformer, Fedus et al.
+                                                                    2021, sec. 2.1-2.2)
+
+Routing always runs in fp32 whatever the model dtype (the reference keeps gate weights, softmax and
+accumulation in fp32). The selection rules are exposed as pure functions (`top_k_weights`,
+`top_p_weights`, `switch_weights`, `expert_capacity`) so that the FFN and the tests can call them.
+The router losses live in losses.py.
+
+Checked by test_routers_losses.py (rows sum to 1 for top-k, the crossing expert is kept by top-p,
+capacity drops exactly the tokens past capacity and padding consumes none, jitter only in training).
+Run `python routers.py` for a small demo.
+
+Shape legend: B batch, T time, D hidden, N = B*T tokens, E experts, K top-k.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_router_config(num_experts, strategy, top_k=2, top_p=0.8, temperature=0.0,
+                        capacity_factor=1.0, expert_capacity=None, jitter_noise=0.0, init_range=0.02):
+    """Raise ValueError (one line naming the setting) for a configuration the routers cannot run.
+
+    top_k is only checked for "mixlora" (the other strategies ignore it, so a default top_k=2 with a
+    single expert is fine for them).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"routing_strategy: unknown {strategy!r}, "
+                         f"expected one of {', '.join(STRATEGIES)}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected an integer >= 1, got {num_experts!r}")
+    if strategy == "mixlora" and (not isinstance(top_k, int) or not 1 <= top_k <= num_experts):
+        raise ValueError(f"top_k: expected an integer in [1, num_experts={num_experts}], got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
+    if temperature < 0.0:
+        raise ValueError(f"temperature: expected >= 0 (0 disables it), got {temperature!r}")
+    if not capacity_factor > 0.0:
+        raise ValueError(f"capacity_factor: expected > 0, got {capacity_factor!r}")
+    if expert_capacity is not None and (not isinstance(expert_capacity, int) or expert_capacity < 1):
+        raise ValueError(f"expert_capacity: expected None or an integer >= 1, got {expert_capacity!r}")
+    if not 0.0 <= jitter_noise < 1.0:
+        raise ValueError(f"jitter_noise: expected a value in [0, 1), got {jitter_noise!r}")
+    if init_range < 0.0:
+        raise ValueError(f"router_init_range: expected >= 0, got {init_range!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure selection rules: router logits (N, E) fp32 -> dense routing weights (N, E) fp32
+
+
+def top_k_weights(logits, k):
+    """Top-k routing with renormalisation (Mixtral; MixLoRA sec. 3, reference step 3).
+
+        p = softmax(z)                          over all E experts, fp32
+        S = the k experts with the largest p    (ties: torch.topk's choice)
+        w_e = p_e / sum_{j in S} p_j  for e in S,   0 otherwise
+
+    Every row sums to 1 and has exactly k non-zero entries (unless a p underflows to 0). Gradients
+    flow into the kept probabilities, as in the reference.
+    """
+    p = F.softmax(logits.float(), dim=-1)                       # (N, E)
+    top_w, top_i = torch.topk(p, k, dim=-1)                     # (N, K), (N, K)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)             # renormalise over the k
+    return torch.zeros_like(p).scatter(-1, top_i, top_w)        # (N, E) dense
+
+
+def top_p_mask(scores, top_p):
+    """Smallest prefix of experts, by descending score, whose cumulative score exceeds top_p.
+
+    Sort descending, c = cumsum; let t be the first sorted position with c > top_p; keep sorted
+    positions 0..t (the crossing expert is included). If no c exceeds top_p (e.g. top_p = 1.0) every
+    expert is kept, so at least one expert is always kept. Returns a bool mask (N, E) in expert order.
+    Ties are broken by expert index (stable sort), which the reference leaves unspecified.
+    """
+    sorted_s, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # (N, E), (N, E)
+    c = sorted_s.cumsum(dim=-1)                                                 # (N, E)
+    # A sorted position is kept if the cumulative score BEFORE it has not yet exceeded top_p.
+    # (Shifted rather than c - sorted_s, so the comparison sees the very same sums as c > top_p.)
+    before = F.pad(c[..., :-1], (1, 0))                                         # exclusive cumsum
+    keep_sorted = before <= top_p                                               # (N, E); pos 0 kept
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)        # (N, E) expert order
+
+
+def top_p_weights(logits, top_p, temperature=0.0):
+    """Top-p (dynamic) routing as MoE-PEFT's `DynamicSparseMoe` does it (reference sec. 4).
+
+        p = softmax(z)                                    fp32
+        q = p / temperature   if temperature > 0,  else p
+        S = top_p_mask(q, top_p)                          crossing expert kept, >= 1 expert
+        w_e = q_e for e in S,   0 otherwise               NO renormalisation
+
+    With temperature 0 (the default) the weights are the raw softmax probabilities of the kept
+    experts, so a row sums to at most 1 (exactly 1 when every expert is kept).
+
+    NOTE: Huang et al. (2024) keep the smallest set whose probability mass exceeds p and weight
+    the experts by their raw probabilities; they have no temperature. The reference adds one in an
+    unusual way that we follow: it divides the PROBABILITIES (not the logits, and with no
+    re-softmax) by the temperature, uses those divided values both for the cumulative threshold and
+    as the combination weights. So with temperature T > 0 the kept weights are p/T and need not sum
+    to 1 (T < 1 keeps fewer experts and amplifies them, T > 1 keeps more and damps them).
+    """
+    p = F.softmax(logits.float(), dim=-1)                       # (N, E)
+    q = p / temperature if temperature > 0.0 else p             # reference: probabilities / T
+    return q * top_p_mask(q, top_p)                             # (N, E) dense, zeros elsewhere
+
+
+def expert_capacity(n_tokens, num_experts, capacity_factor):
+    """Switch expert capacity: ceil(capacity_factor * n_tokens / E) (Fedus et al. 2021, sec. 2.2).
+
+    n_tokens counts the real (non-padding) tokens of the routing group. The product is rounded to 6
+    decimals before the ceiling so that e.g. 1.1 * 10 does not become 12 through float error.
+    """
+    return math.ceil(round(capacity_factor * n_tokens / num_experts, 6))
+
+
+def switch_weights(logits, token_mask, capacity, group_size=None):
+    """Switch top-1 routing with a hard expert capacity (Fedus et al. 2021, sec. 2.1-2.2).
+
+        p = softmax(z),  e_t = argmax_e p_t,e                           fp32, ties: lowest index
+        pos_t = 1 + number of earlier REAL tokens of the same group routed to e_t
+        w_t,e_t = p_t,e_t  if token t is real and pos_t <= capacity,    0 otherwise
+
+    Capacity is assigned first come, first served, in token order (row-major over (B, T), i.e. the
+    order of the flattened batch), as the Switch Transformer and the reference do with a cumulative
+    sum over tokens. A token past capacity ("overflow") gets an all-zero row: it skips the experts
+    and keeps only the residual connection. Padding tokens (token_mask False) are never routed and
+    consume no capacity (their FFN output is 0, which nobody reads). token_mask None = all real.
+
+    group_size: None = the N tokens form one group (the default, capacity counted over the batch);
+    an integer G = consecutive groups of G tokens each with its own capacity (the reference's
+    per-sequence `expert_capacity`, G = T). N must be a multiple of G.
+
+    Routed tokens are weighted by their router probability p_max, which is what trains the router
+    (the argmax itself has no gradient).
+
+    NOTE: the reference (and HF SwitchTransformers) gives overflow tokens p_max * x instead (the FFN
+    returns its input, scaled), and its per-sequence capacity counts padding tokens too.
+    """
+    p = F.softmax(logits.float(), dim=-1)                               # (N, E)
+    n, e = p.shape
+    real = torch.ones(n, 1, dtype=torch.long, device=p.device) if token_mask is None \
+        else token_mask.reshape(n, 1).long()                            # (N, 1) None = all real
+    top = F.one_hot(p.argmax(dim=-1), e) * real                         # (N, E) 0/1, padding -> 0
+    g = n if group_size is None else group_size
+    if g == 0 or n % g != 0:
+        raise ValueError(f"switch_weights: {n} tokens do not split into groups of {group_size}")
+    pos = top.reshape(n // g, g, e).cumsum(dim=1).reshape(n, e)         # (N, E) 1-based queue place
+    kept = (top > 0) & (pos <= capacity)                                # (N, E) first come first served
+    return p * kept                                                     # (N, E) p_max or all-zero row
+
+
+# ----------------------------------------------------------------------------------------------------
+# The router module
+
+
+class Router(nn.Module):
+    """A bias-free linear router W (E, D) in fp32 plus one of the three selection rules.
+
+        z = jitter(x) @ W^T             (N, E) fp32 logits, returned for the router losses
+        weights = rule(z)               (N, E) fp32 dense routing matrix
+
+    Parameter `weight` (E, D), init N(0, init_range^2) (reference `router_init_range`, 0.02 for
+    "mixlora"/"mixlora-dynamic"; the reference's Switch default is 1.0, chosen by the caller). In
+    the MixLoRA FFN the module is attribute `moe_gate`, so its tensor is `...mlp.moe_gate.weight`
+    as in the reference's adapter files.
+
+    Jitter (Fedus et al. 2021, sec. 2.4; reference `jitter_noise`, default 0): in training only,
+    the router INPUT is multiplied by noise U(1 - eps, 1 + eps), out of place.
+    NOTE: the reference's top-k and top-p blocks multiply x in place, so their experts see the
+    jittered input too; here (as in the reference's Switch block) the experts see the clean x.
+
+    Capacity for "mixlora-switch": by default ceil(capacity_factor * n_real / E) with n_real the
+    number of real tokens in the batch. With `expert_capacity` set, that fixed integer is the
+    capacity of each sequence (the reference's rule; its default there is 32): pass x as (B, T, D)
+    so the router knows where sequences start, otherwise the N tokens count as one sequence.
+    The same rule runs at inference (NOTE: the reference's Switch block returns its input unchanged
+    at inference, discarding the experts; we do not copy that bug).
+    """
+
+    def __init__(self, hidden_size, num_experts, strategy="mixlora", top_k=2, top_p=0.8,
+                 temperature=0.0, capacity_factor=1.0, expert_capacity=None, jitter_noise=0.0,
+                 init_range=0.02):
+        super().__init__()
+        check_router_config(num_experts, strategy, top_k, top_p, temperature, capacity_factor,
+                            expert_capacity, jitter_noise, init_range)
+        self.hidden_size, self.num_experts, self.strategy = hidden_size, num_experts, strategy
+        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.capacity_factor, self.expert_capacity = capacity_factor, expert_capacity
+        self.jitter_noise = jitter_noise
+        # fp32 even inside a bf16 model: forward casts anyway, but an fp32 master copy routes exactly.
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.weight, mean=0.0, std=init_range)
+
+    def forward(self, x, token_mask=None):
+        """x (N, D) or (B, T, D); token_mask (N,) or (B, T) bool, True = real token (None: all real).
+
+        Returns (logits (N, E) fp32, weights (N, E) fp32), always flattened to N rows.
+        """
+        d = x.shape[-1]
+        group = x.shape[-2] if x.dim() == 3 else None                   # tokens per sequence (T)
+        h = x.reshape(-1, d).float()                                    # (N, D) fp32
+        n = h.shape[0]
+        if token_mask is None:
+            mask = torch.ones(n, dtype=torch.bool, device=h.device)     # (N,)
+        else:
+            mask = token_mask.reshape(n).bool()                         # (N,)
+        if self.training and self.jitter_noise > 0.0:
+            eps = self.jitter_noise
+            h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)  # out of place
+        logits = F.linear(h, self.weight.float())                       # (N, E)
+        if self.strategy == "mixlora":
+            weights = top_k_weights(logits, self.top_k)
+        elif self.strategy == "mixlora-dynamic":
+            weights = top_p_weights(logits, self.top_p, self.temperature)
+        elif self.expert_capacity is not None:
+            # Reference rule: a fixed capacity per sequence (but padding consumes none here).
+            weights = switch_weights(logits, mask, self.expert_capacity, group_size=group)
+        else:
+            # One sync per layer to read the real-token count; capacity is a plain Python int.
+            cap = expert_capacity(int(mask.sum()), self.num_experts, self.capacity_factor)
+            weights = switch_weights(logits, mask, cap)
+        return logits, weights
+
+    def extra_repr(self):
+        rule = {"mixlora": f"top_k={self.top_k}",
+                "mixlora-dynamic": f"top_p={self.top_p}, temperature={self.temperature}",
+                "mixlora-switch": (f"expert_capacity={self.expert_capacity}" if self.expert_capacity
+                                   else f"capacity_factor={self.capacity_factor}")}[self.strategy]
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"strategy={self.strategy!r}, {rule}, jitter_noise={self.jitter_noise}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, T, D, E = 2, 5, 16, 4
+    x = torch.randn(B, T, D)                                    # (B, T, D)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    for strategy in STRATEGIES:
+        router = Router(D, E, strategy, top_k=2, top_p=0.6, init_range=0.5).eval()
+        logits, weights = router(x, mask)                       # (N, E), (N, E)
+        print(router)
+        print("  experts per token:", (weights > 0).sum(-1).tolist())
+        print("  row sums:         ", [round(v, 3) for v in weights.sum(-1).tolist()])
