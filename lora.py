@@ -1,0 +1,459 @@
+"""LoRA, rsLoRA and DoRA adapters for the Llama in llama.py, with PEFT-format adapter files.
+
+References
+  LoRA     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685, sec. 4.1
+  rsLoRA   Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv 2312.03732
+  DoRA     Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353, eq. 5 and sec. 4.3
+  LoRA+    Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", arXiv 2402.12354
+  Reference behaviour (MoE-PEFT / mixlora) and where we depart from it: ../shared/reference/mixlora.md sec. 1, 2, 8.
+
+The LoRA branch around one frozen projection (x: (N, d_in), s = alpha/r, or alpha/sqrt(r) with rsLoRA):
+
+    x ──────────────────────► W0 x (+ b) ──────────────┐          frozen nn.Linear `base`
+    │                                                   (+) ──► y   LoRA:  y = W0 x + b + s B A drop(x)
+    └─► dropout ─► A (r, d_in) ─► * s ─► B (d_out, r) ──┘          DoRA:  y = m / ||W0 + sBA||_row
+                  Kaiming-uniform         zeros                              * (W0 x + s B A drop(x)) + b
+
+Usage (load the base model first, then inject):
+    model = llama.from_pretrained(path); inject_lora(model, LoraConfig(r=16, target_modules=[...]))
+    mark_trainable(model); ...train...; save_peft_adapter(model, "out/adapter", model.adapter_config)
+Adapter folders are PEFT's (adapter_config.json + adapter_model.safetensors): `PeftModel.from_pretrained`
+on transformers' Llama loads them and gives the same logits, and PEFT adapters load here; test_lora.py
+checks both directions (skipped without peft), exact no-ops at init, hand-computed outputs, merging.
+Run `python lora.py` for a tiny demo. Shape legend: N tokens (any leading dims), d_in/d_out layer sizes,
+r rank, D hidden, C classes.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_KEYS = ("lora_", "magnitude", "moe_gate", "quality_gate", "score")  # see mark_trainable
+PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> our module tree
+
+# ----------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyper-parameters, named as the keys of PEFT's adapter_config.json."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: str = "original"  # "original" (Kaiming-uniform A) or "gaussian" (A ~ N(0, 1/r^2))
+    bias: str = "none"  # only "none": base biases stay frozen and are not saved
+    task_type: str = "CAUSAL_LM"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):  # PEFT allows one name, or "all-linear"
+            self.target_modules = list(PROJECTIONS) if self.target_modules == "all-linear" else [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init_lora_weights not in ("original", "gaussian"):
+            raise ValueError(f"init_lora_weights must be 'original' or 'gaussian', got {self.init_lora_weights!r}")
+        if self.bias != "none":
+            raise ValueError(f"bias must be 'none', got {self.bias!r}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty")
+
+
+def lora_scaling(lora_alpha, r, use_rslora=False):
+    """s = alpha / r (Hu et al. 2021 sec. 4.1), or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023 thm. 3.2)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+# ----------------------------------------------------------------------------------------------------
+# the layer
+
+
+class LoRALinear(nn.Module):
+    """y = W0 x + b + s * B A drop(x), or with DoRA y = m / ||W0 + sBA||_row * (W0 x + s B A drop(x)) + b.
+
+    W0 (d_out, d_in) and b stay frozen inside `self.base`. A = `lora_A` (r, d_in), Kaiming-uniform(a=sqrt(5)),
+    i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)) (or N(0, std=1/r) for "gaussian", the reference's std, not 1/sqrt(r));
+    B = `lora_B` (d_out, r) zeros, so the layer is an exact no-op at init. Dropout acts on the LoRA input only
+    and is an nn.Dropout submodule, so model.eval() turns it off (NOTE: the reference keeps it on at eval).
+    Adapter tensors are fp32 even when the base is bf16: LoRA updates are ~lr * 1e-3 relative to values of
+    ~1e-2, below bf16's 8-bit mantissa resolution, so Adam steps on bf16 A/B would round away to nothing.
+
+    DoRA (Liu et al. 2024 eq. 5): `magnitude` m (d_out,) starts at the row norms ||W0 + sBA||_row (L2 over
+    d_in), computed when the layer is built on the loaded base weights, so DoRA is also a no-op at init.
+    The norm is detached (DoRA sec. 4.3: treated as a constant, no gradient). The bias is outside the
+    rescaled term, as in HF PEFT. NOTE: the reference (MoE-PEFT, mixlora) puts b inside: (m/n) * (W0 x + b)
+    + ...; and it never trains nor saves m (m/n = 1 after reload), while we train m and save it.
+    NOTE: PEFT in training mode with dropout rescales W0 drop(x), not W0 x; identical in eval.
+    """
+
+    def __init__(self, base, r, lora_alpha, lora_dropout=0.0, use_rslora=False, use_dora=False,
+                 init_lora_weights="original"):
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        if r <= 0 or r > min(d_in, d_out):
+            raise ValueError(f"r={r} must be in [1, min(d_in, d_out)={min(d_in, d_out)}]")
+        self.base = base.requires_grad_(False)
+        self.r, self.scaling, self.use_dora = r, lora_scaling(lora_alpha, r, use_rslora), use_dora
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=dev, dtype=torch.float32))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev, dtype=torch.float32))  # (d_out, r)
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Identity when p == 0 skips a copy of x (the dropout kernel runs even at p=0).
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self._w0_sq, self._w0_key = None, None  # cache of ||W0||_row^2, see w0_row_sq
+        if use_dora:
+            self.magnitude = nn.Parameter(self.weight_norm())  # (d_out,) fp32
+
+    def w0_row_sq(self):
+        """||W0||_row^2 (d_out,) fp32, cached; recomputed whenever W0 is modified in place or moved.
+
+        A tensor's `_version` counter increases on every in-place write (load_state_dict, merge), so the
+        cache can never go stale without needing a hook."""
+        w = self.base.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if key != self._w0_key:
+            self._w0_sq, self._w0_key = w.detach().float().square().sum(1), key  # (d_out,)
+        return self._w0_sq
+
+    @torch.no_grad()
+    def weight_norm(self):
+        """n = ||W0 + s B A||_row (d_out,), without materialising the (d_out, d_in) matrix W0 + sBA:
+
+            n^2 = ||W0||^2 + 2 s rowsum(B * (W0 A^T)) + s^2 rowsum(B * (B A A^T))
+
+        with ||W0||^2 cached, W0 A^T one (d_out, d_in) x (d_in, r) product and A A^T (r, r). test_lora.py
+        checks it against torch.linalg.norm(W0 + s*B@A, dim=1). Runs under no_grad: the norm is detached.
+        NOTE: cancellation makes it inaccurate only for rows where W0 + sBA is ~0 relative to W0."""
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        W0A = F.linear(self.base.weight.to(A.dtype), A)  # (d_out, r) = W0 A^T
+        T = torch.addmm(W0A, B, A @ A.t(), beta=2, alpha=s)  # (d_out, r) = 2 W0 A^T + s B A A^T
+        n2 = self.w0_row_sq() + s * torch.linalg.vecdot(B, T)  # (d_out,) the formula above, factored
+        return n2.clamp_min(0).sqrt()
+
+    def delta_weight(self):
+        """s B A (d_out, d_in) fp32, the weight update that merging adds to W0."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x):  # x: (..., d_in) -> (..., d_out)
+        if self.merged:
+            return self.base(x)
+        A, B, s, b = self.lora_A, self.lora_B, self.scaling, self.base.bias
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        h = F.linear(self.dropout(x2).to(A.dtype), A)  # (N, r)
+        y = F.linear(x2, self.base.weight, None if self.use_dora else b)  # (N, d_out) W0 x (+ b for LoRA)
+        # y += s * h B^T in place: a matmul's backward never needs its output, so autograd allows it, and
+        # on CPU each fresh (N, d_out) temporary costs page faults (measured: ~25% of a LoRA layer's time).
+        # y is 2-D and not a view, so the backward needs no CopySlices clone either.
+        if y.dtype == A.dtype:
+            y.addmm_(h, B.t(), alpha=s)  # (N, d_out)
+        else:  # bf16 base: LoRA product in fp32, rounded once when added to the bf16 output
+            y += F.linear(h * s, B).to(y.dtype)  # (N, d_out)
+        if self.use_dora:
+            scale = self.magnitude / self.weight_norm()  # (d_out,) m / ||W0 + sBA||, n detached
+            # bias outside the rescaling (HF PEFT convention, see docstring); addcmul = b + scale * y
+            y = scale * y if b is None else torch.addcmul(b.to(scale.dtype), scale, y)  # (N, d_out) fp32
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """W0 <- W0 + sBA (LoRA) or m/n * (W0 + sBA) (DoRA); forward then runs the base layer only."""
+        if self.merged:
+            return
+        w = self.base.weight
+        merged = w.float() + self.delta_weight()  # (d_out, d_in)
+        if self.use_dora:
+            self._merge_scale = self.magnitude / self.weight_norm()  # (d_out,), kept to unmerge
+            merged = merged * self._merge_scale[:, None]
+        w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo merge(): W0 <- W - sBA (LoRA) or W * n/m - sBA (DoRA); exact up to rounding."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        merged = w.float()
+        if self.use_dora:
+            merged = merged / self._merge_scale[:, None]
+        w.copy_((merged - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, scaling={self.scaling:.4g}, dora={self.use_dora}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# injection, trainable parameters, LoRA+ groups, merging
+
+
+def inject_lora(model, cfg):
+    """Replace every nn.Linear whose name ends in one of cfg.target_modules by a LoRALinear, in place.
+
+    Call it after the base weights are loaded (DoRA's m is initialised from them). Returns the model,
+    with the config kept as `model.adapter_config`."""
+    found = set()
+    for name, module in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        if leaf not in cfg.target_modules:
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter; inject into a fresh base model")
+        if not isinstance(module, nn.Linear):
+            continue
+        d_out, d_in = module.weight.shape
+        if cfg.r > min(d_in, d_out):
+            raise ValueError(f"r={cfg.r} is larger than min(d_in, d_out)={min(d_in, d_out)} of {name}")
+        layer = LoRALinear(module, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora,
+                           cfg.init_lora_weights)
+        layer.train(module.training)
+        setattr(model.get_submodule(parent_name), leaf, layer)
+        found.add(leaf)
+    for target in cfg.target_modules:
+        if target not in found:
+            raise ValueError(f"target module {target!r} not found in the model (expected names like {PROJECTIONS})")
+    model.adapter_config = cfg
+    return model
+
+
+def lora_layers(model):
+    """(name, LoRALinear) pairs of the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def mark_trainable(model):
+    """Train exactly the parameters whose name contains one of ADAPTER_KEYS; return (trainable, total) counts."""
+    trainable = total = 0
+    for name, p in model.named_parameters():  # shared (tied) tensors are listed once
+        p.requires_grad_(any(k in name for k in ADAPTER_KEYS))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_plus_param_groups(model, lr, ratio, weight_decay=0.0):
+    """AdamW parameter groups for LoRA+ (Hayou et al. 2024): lr for A-like tensors, lr * ratio for B.
+
+    Group B holds every trainable tensor named "lora_B" or of ndim 1 (DoRA's m), as both the reference
+    (MoE-PEFT `_optimizer_grouped_parameters`) and HF PEFT `create_loraplus_optimizer` do; the router
+    `moe_gate`, `quality_gate` and the `score` head are in group A. NOTE: we exempt 1-D tensors from weight
+    decay (decaying m would shrink the weight norms); the reference decays them."""
+    if ratio < 1.0:
+        raise ValueError(f"loraplus_lr_ratio must be >= 1.0, got {ratio}")
+    a, b, vec = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vec if p.ndim == 1 else b if "lora_B" in name else a).append(p)
+    groups = [dict(params=a, lr=lr, weight_decay=weight_decay), dict(params=b, lr=lr * ratio, weight_decay=weight_decay),
+              dict(params=vec, lr=lr * ratio, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
+def merge_adapters(model):
+    """Merge every LoRALinear into its base weight (inference speed: no extra matmuls)."""
+    for _, m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_adapters(model):
+    """Undo merge_adapters (training can resume)."""
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def save_merged(model, out_dir, tokenizer_src=None):
+    """Write a plain HF Llama checkpoint folder (config.json + model.safetensors + tokenizer files) with the
+    adapters merged in; llama.from_pretrained loads it. The model is left as it was (unmerged, wrapped).
+    NOTE: a `score` classification head is not part of a causal-LM checkpoint; keep it in the adapter."""
+    import llama  # the only project import, kept local so the layers above stay standalone
+
+    layers, score = lora_layers(model), getattr(model, "score", None)
+    was_merged = [m.merged for _, m in layers]
+    try:
+        for name, m in layers:  # swap each wrapper for its (merged) base nn.Linear
+            m.merge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, m.base)
+        if score is not None:
+            del model.score
+        llama.save_pretrained(model, out_dir, tokenizer_src=tokenizer_src)
+    finally:
+        for (name, m), merged in zip(layers, was_merged):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, m)
+            if not merged:
+                m.unmerge()
+        if score is not None:
+            model.score = score
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT adapter files: adapter_config.json + adapter_model.safetensors (or adapter_model.bin)
+
+
+def peft_config_dict(cfg, base_model_name_or_path="", task_type=None, modules_to_save=None):
+    """adapter_config.json contents that PEFT's LoraConfig reads (peft_type "LORA")."""
+    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
+    return {
+        "peft_type": "LORA", "task_type": task_type or cfg.task_type,
+        "base_model_name_or_path": base_model_name_or_path, "r": cfg.r, "lora_alpha": alpha,
+        "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.target_modules), "bias": cfg.bias,
+        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True if cfg.init_lora_weights == "original" else cfg.init_lora_weights,
+        "modules_to_save": modules_to_save, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def config_from_peft(d, where="adapter_config.json"):
+    """LoraConfig from a PEFT adapter_config.json dict; rejects the PEFT features this file does not implement."""
+    if d.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: unknown peft_type {d.get('peft_type')!r}, expected 'LORA'")
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "fan_in_fan_out", "lora_bias",
+                "exclude_modules", "layer_replication", "target_parameters", "trainable_token_indices"):
+        if d.get(key):  # PEFT writes these as null / {} / false when unused
+            raise ValueError(f"{where}: {key}={d[key]!r} is not supported")
+    init = d.get("init_lora_weights", True)
+    target = d.get("target_modules")
+    if isinstance(target, str) and target != "all-linear" and target not in PROJECTIONS:
+        raise ValueError(f"{where}: regex target_modules {target!r} is not supported; list the module names")
+    return LoraConfig(r=d.get("r"), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
+                      target_modules=target or [], use_rslora=bool(d.get("use_rslora", False)),
+                      use_dora=bool(d.get("use_dora", False)), bias=d.get("bias", "none"),
+                      init_lora_weights="gaussian" if init == "gaussian" else "original",
+                      task_type=d.get("task_type") or "CAUSAL_LM")
+
+
+def adapter_state_dict(model):
+    """PEFT tensor names -> fp32 CPU tensors: lora_A.weight, lora_B.weight, lora_magnitude_vector, score."""
+    out = {}
+    for name, m in lora_layers(model):
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A  # (r, d_in)
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B  # (d_out, r)
+        if m.use_dora:
+            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude  # (d_out,)
+    if getattr(model, "score", None) is not None:
+        out[f"{PEFT_PREFIX}score.weight"] = model.score.weight  # (C, D), PEFT modules_to_save layout
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def save_peft_adapter(model, path, cfg=None, base_model_name_or_path=""):
+    """Write `path`/adapter_config.json + adapter_model.safetensors, PEFT layout. Files are written to a temp
+    dir next to `path` and moved in with os.replace, so an interrupted save never leaves a partial file."""
+    cfg = cfg or model.adapter_config
+    has_score = getattr(model, "score", None) is not None
+    config = peft_config_dict(cfg, base_model_name_or_path, "SEQ_CLS" if has_score else None,
+                              ["score"] if has_score else None)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+    try:
+        save_file(adapter_state_dict(model), os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if not os.path.isdir(path):
+            os.replace(tmp, path)  # one atomic rename of the whole folder
+            return
+        for fname in ("adapter_model.safetensors", "adapter_config.json"):  # weights first, config last
+            os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+        stale = os.path.join(path, "adapter_model.bin")  # an older .bin is ignored on load; remove it anyway
+        if os.path.exists(stale):
+            os.remove(stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_adapter_files(path):
+    """(config dict, tensors dict) of an adapter folder: adapter_model.safetensors, else adapter_model.bin."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found (is {path!r} an adapter folder?)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    st, bin_ = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(st):
+        return config, load_file(st)
+    if os.path.isfile(bin_):  # many published adapters are torch.save'd dicts; weights_only is safe to unpickle
+        return config, torch.load(bin_, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: neither adapter_model.safetensors nor adapter_model.bin found")
+
+
+def load_peft_adapter(model, path):
+    """Inject the adapter described by `path`/adapter_config.json into a loaded base model and load its
+    tensors (PEFT names); recreates a `score` head. Every file tensor must match a model tensor by name and
+    shape. NOTE: a DoRA file without magnitudes (as the reference writes) gets m = ||W0 + sBA||, which is
+    what the reference does on load."""
+    config, tensors = read_adapter_files(path)
+    cfg = config_from_peft(config, os.path.join(path, "adapter_config.json"))
+    if lora_layers(model):
+        raise ValueError(f"model already has LoRA adapters; load {path} into a fresh base model")
+    score_key = f"{PEFT_PREFIX}score.weight"
+    if score_key in tensors:
+        C, D = tensors[score_key].shape  # (C, D): the number of classes comes from the file
+        emb = model.model.embed_tokens.weight  # (V, D)
+        if D != emb.shape[1]:
+            raise ValueError(f"{score_key}: shape {(C, D)} in file, expected (num_labels, {emb.shape[1]})")
+        model.score = nn.Linear(D, C, bias=False, device=emb.device)  # fp32 like the other adapter tensors
+    inject_lora(model, cfg)
+    params = {}
+    for name, m in lora_layers(model):
+        params[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A
+        params[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B
+        if m.use_dora:
+            params[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
+    if score_key in tensors:
+        params[score_key] = model.score.weight
+    tensors = {k.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): v for k, v in tensors.items()}
+    for key in tensors:
+        if key not in params:
+            raise ValueError(f"{path}: tensor {key} has no matching module in the model")
+    with torch.no_grad():
+        for key, p in params.items():
+            if key not in tensors:
+                if key.endswith("lora_magnitude_vector"):
+                    continue  # filled in below from the loaded A and B
+                raise ValueError(f"{path}: tensor {key} missing from the adapter file")
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} in file, expected {tuple(p.shape)}")
+            p.copy_(tensors[key].to(p.dtype))
+        for name, m in lora_layers(model):
+            if m.use_dora and f"{PEFT_PREFIX}{name}.lora_magnitude_vector" not in tensors:
+                m.magnitude.copy_(m.weight_norm())
+    model.adapter_config = cfg
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# demo
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 32), r=4, lora_alpha=8, use_dora=True)
+    x = torch.randn(5, 64)
+    print("no-op at init:", torch.allclose(layer(x), layer.base(x), atol=1e-6))
+    nn.init.normal_(layer.lora_B, std=0.1)
+    naive = torch.linalg.norm(layer.base.weight + layer.delta_weight(), dim=1)
+    print("efficient DoRA norm - naive:", (layer.weight_norm() - naive).abs().max().item())
+    y = layer(x)
+    layer.merge()
+    print("merged - unmerged output:", (layer(x) - y).abs().max().item())
