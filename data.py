@@ -1,0 +1,407 @@
+"""
+data.py: what train.py trains and evaluates on: data files, the eight commonsense tasks, sequence
+classification data, a built-in synthetic task, tokenisation with target masking, collation, metrics.
+
+Every source becomes a list of `Example`s of one of three kinds:
+
+    "lm"      prompt + answer text; the loss is on the answer tokens (alpaca, chat, plain text)
+    "choice"  a multiple-choice question: trained as prompt + " " + label (causal LM, as the
+              reference does), scored by the label token with the highest logit at the last prompt
+              token, restricted to that question's own options (the commonsense tasks, the demo task)
+    "cls"     sequence classification: a head on the last real token (sentence / sentence pairs)
+
+Data formats, detected from the keys of each record (a JSON list, or JSONL with one object a line):
+
+    {"instruction", "input"?, "output"}          Alpaca; prompt template of MoE-PEFT's Prompter
+    {"messages": [{"role", "content"}, ...]}     chat, rendered with the checkpoint's chat template
+    {"text"}                                     plain text, every token is a target
+    {"sentence" | "text", "label"}               classification; "label" an int, or a list of ints
+    {"sentence1", "sentence2", "label"}          for multi-label; pairs as in GLUE
+
+Reference: MixLoRA / MoE-PEFT, ../shared/reference/mixlora.md section 7 (tasks, prompts, scoring,
+classification head) and section 9 (cutoff, shuffling). Prompts are the reference's, word for word.
+Checked by test_train.py (each format, masking, scoring rule, truncation, errors naming file:line).
+
+Shape legend: B batch, T time (longest sequence in the batch), C classes.
+"""
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # target value of a position with no loss (PyTorch's cross-entropy convention)
+TASK_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "commonsense")
+
+
+@dataclass
+class Example:
+    prompt: str              # conditioning text; no loss on it unless --train-on-prompt
+    answer: str = ""         # target text (lm, choice) appended to the prompt
+    kind: str = "lm"         # "lm" | "choice" | "cls"
+    options: tuple = ()      # choice: option labels ("A", "B", ...) scored as the tokens of " " + label
+    label: object = None     # choice: gold option index; cls: class id, or list of class ids (multi-label)
+    prompt2: str = None      # cls: second sentence of a pair
+    task: str = ""           # name reported in the metrics ("arc-e", "demo", file name)
+    bos: bool = True         # prepend BOS as the tokenizer does by default (False: the chat template has it)
+    eos: bool = False        # append EOS after the answer, so generation learns to stop
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading files: a JSON list or JSONL, with errors that name the file and line
+
+
+def read_records(path):
+    """Return [(where, record dict)]; `where` is "file:line" (JSONL) or "file[item]" (JSON list)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path}: empty file, expected a JSON list or JSON lines")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        records = [(f"{path}[{i}]", r) for i, r in enumerate(items)]
+    else:
+        records = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                raise ValueError(f"{path}:{i}: empty line (JSONL needs one JSON object per line)")
+            try:
+                records.append((f"{path}:{i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    return records
+
+
+def _text(r, key, where, required=True):
+    v = r.get(key, "")
+    if not isinstance(v, str) or (required and not v.strip()):
+        raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+    return v
+
+
+def alpaca_prompt(instruction, inp=""):
+    """MoE-PEFT's default ("moe_peft") Prompter template."""
+    return f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{inp}\n\n" if inp else "") + "### Output:\n"
+
+
+def record_to_example(r, where, tokenizer, task):
+    """One record of any supported format -> Example (format detected from its keys)."""
+    if "label" in r:                                       # classification
+        lab = r["label"]
+        ok = isinstance(lab, int) or (isinstance(lab, list) and all(isinstance(x, int) for x in lab))
+        if not ok or isinstance(lab, bool):
+            raise ValueError(f"{where}: 'label' must be an int or a list of ints, got {lab!r}")
+        if "sentence1" in r:
+            return Example(_text(r, "sentence1", where), kind="cls", label=lab, task=task,
+                           prompt2=_text(r, "sentence2", where))
+        key = "sentence" if "sentence" in r else "text"
+        return Example(_text(r, key, where), kind="cls", label=lab, task=task)
+    if "instruction" in r:                                 # alpaca
+        # NOTE: we append EOS so the model learns to stop; the reference appends "\n" and no EOS.
+        return Example(alpaca_prompt(_text(r, "instruction", where), _text(r, "input", where, False)),
+                       _text(r, "output", where), task=task, eos=True)
+    if "messages" in r:                                    # chat
+        msgs = r["messages"]
+        if (not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and
+                                                                   isinstance(m.get("content"), str) for m in msgs)):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must have role 'assistant' (it is the target)")
+        # NOTE: only the last assistant turn is a target; earlier turns are context.
+        prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs, add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"{where}: the chat template does not render the prompt as a prefix of the dialogue")
+        return Example(prompt, full[len(prompt):], task=task, bos=False)
+    if "text" in r:                                        # plain text: all of it is the target
+        return Example("", _text(r, "text", where), task=task)
+    raise ValueError(f"{where}: unknown record format (keys {sorted(r)}); expected instruction/output, "
+                     "messages, text, or sentence/label")
+
+
+def load_data(path, tokenizer):
+    """Read a data file into Examples; every record must have the same kind."""
+    task = os.path.splitext(os.path.basename(path))[0]
+    examples = [record_to_example(r, where, tokenizer, task) for where, r in read_records(path)]
+    kinds = {e.kind for e in examples}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixes record formats ({', '.join(sorted(kinds))}); use one per file")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# The commonsense tasks: the reference's prompts (mixlora.md section 7), HF dataset schemas
+
+
+def _mc(question, labels, texts):
+    opts = " ".join(f"({l}) {t}" for l, t in zip(labels, texts))
+    return f"Please choose the correct answer to the question: {question} {opts}\nAnswer:"
+
+
+def arc(r):
+    # NOTE: the reference scores ARC over all nine labels 1-4 and A-E, so it can predict an option the
+    # question does not have; we restrict every task to the question's own options.
+    c = r["choices"]
+    return _mc(r["question"], c["label"], c["text"]), tuple(c["label"]), c["label"].index(r["answerKey"])
+
+
+def obqa(r):
+    c = r["choices"]
+    return _mc(r["question_stem"], c["label"], c["text"]), tuple(c["label"]), c["label"].index(r["answerKey"])
+
+
+def boolq(r):
+    # The reference's prompt has no passage.
+    p = f"Please answer the following question with true or false: {r['question']}?\nAnswer:"
+    return p, ("true", "false"), 0 if r["answer"] else 1
+
+
+def piqa(r):
+    p = ("Below is a common task along with two possible solutions labeled (A) and (B). Please select the "
+         f"appropriate solution to achieve the task:\n{r['goal']}\n\n(A) {r['sol1']}\n(B) {r['sol2']}\n\n"
+         "Correct solution:")
+    return p, ("A", "B"), int(r["label"])
+
+
+def siqa(r):
+    p = (f"Please choose the correct answer to the question.\nQuestion: {r['context']} {r['question']}\n"
+         f"(A) {r['answerA']}\n(B) {r['answerB']}\n(C) {r['answerC']}\nAnswer:")
+    return p, ("A", "B", "C"), int(r["label"]) - 1
+
+
+def hellaswag(r):
+    e = r["endings"]
+    p = (f"Please choose the correct ending to complete the given sentence.\nSentence: {r['activity_label']}. "
+         f"{r['ctx']}\n(A) {e[0]}\n(B) {e[1]}\n(C) {e[2]}\n(D) {e[3]}\nAnswer:")
+    return p, ("A", "B", "C", "D"), int(r["label"])
+
+
+def winogrande(r):
+    p = ("Please choose the correct answer to fill in the blank to complete the given sentence.\n"
+         f"Sentence: {r['sentence']}\n(A) {r['option1']}\n(B) {r['option2']}\nAnswer:")
+    return p, ("A", "B"), int(r["answer"]) - 1
+
+
+TASKS = {"arc-e": arc, "arc-c": arc, "boolq": boolq, "obqa": obqa, "piqa": piqa, "siqa": siqa,
+         "hellaswag": hellaswag, "winogrande": winogrande}
+
+
+def load_task(name, split, root=TASK_ROOT):
+    """Examples of task `name` from <root>/<name>/<split>.jsonl (split "train" or "test")."""
+    if name not in TASKS:
+        raise ValueError(f"--task: unknown task {name!r}, expected one of {', '.join(TASKS)} (or 'demo')")
+    path = os.path.join(root, name, f"{split}.jsonl")
+    out = []
+    for where, r in read_records(path):
+        try:
+            prompt, options, gold = TASKS[name](r)
+        except (KeyError, ValueError, IndexError, TypeError) as e:
+            raise ValueError(f"{where}: not a {name} record ({type(e).__name__}: {e})") from None
+        out.append(Example(prompt, " " + options[gold], "choice", options, gold, task=name))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The built-in demo task: pick the word of a category among three. Needs no files.
+
+CATEGORIES = {
+    "an animal": "dog cat horse cow pig sheep lion tiger bear wolf mouse rabbit duck goat fox deer".split(),
+    "a fruit": "apple banana orange grape lemon cherry peach pear mango plum lime berry".split(),
+    "a color": "red blue green yellow purple pink brown black white gray".split(),
+    "a tool": "hammer saw drill wrench knife shovel axe rake needle scissors".split(),
+    "a body part": "hand foot arm leg head nose ear eye knee finger neck mouth".split(),
+    "a country": "France Spain Italy China Japan India Brazil Canada Mexico Egypt Germany Kenya".split(),
+}
+
+
+def demo_task(n_train=256, n_test=128, seed=0):
+    """Questions "Which word is a fruit: chair, banana or river?" with one-word answers.
+
+    The answer is one of the words listed in the prompt, so a small model already knows the facts and
+    only has to learn the format: SmolLM2-135M starts near 50% (chance 33%) and reaches >90% within a
+    few dozen optimiser steps. Train and test items are disjoint (word triple and category).
+    """
+    rng = random.Random(seed)
+    cats = list(CATEGORIES)
+    seen, items = set(), []
+    while len(items) < n_train + n_test:
+        cat = rng.choice(cats)
+        gold = rng.choice(CATEGORIES[cat])
+        others = [c for c in cats if c != cat]
+        dist = [rng.choice(CATEGORIES[c]) for c in rng.sample(others, 2)]
+        if gold in dist or dist[0] == dist[1] or (cat, gold, *sorted(dist)) in seen:
+            continue
+        seen.add((cat, gold, *sorted(dist)))
+        words = [gold] + dist
+        rng.shuffle(words)
+        prompt = f"Which word is {cat}: {words[0]}, {words[1]} or {words[2]}?\nAnswer:"
+        items.append(Example(prompt, " " + gold, "choice", tuple(words), words.index(gold), task="demo"))
+    return items[:n_train], items[n_train:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenisation, target masking, truncation, collation
+
+
+def option_token_ids(tokenizer, options):
+    """The token scored for each option: the last id of encode(" " + option), the reference's rule.
+
+    Byte-level BPEs split " 1" into " " + "1" (SmolLM2 does), so the last id is the one that tells the
+    options apart; for one-token labels (" A", " true") it is the only id.
+    """
+    ids = [tokenizer.encode(" " + o, add_bos=False)[-1] for o in options]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"options {list(options)} do not end in distinct tokens; they cannot be scored")
+    return ids
+
+
+def truncate(prompt, answer, max_len):
+    """Fit prompt + answer ids into max_len. The answer keeps its start and the prompt keeps its end (so
+    a task prompt keeps "Answer:"); the prompt gets at least half the budget when it needs it.
+
+    NOTE: the reference keeps the first cutoff_len tokens, so an over-long prompt loses its "Answer:"
+    suffix and is scored at the wrong position.
+    """
+    if len(prompt) + len(answer) <= max_len:
+        return prompt, answer, False
+    a = answer[:max(max_len - len(prompt), max_len // 2)]      # what the prompt leaves, at least half
+    keep = max_len - len(a)
+    p = prompt[len(prompt) - keep:] if keep > 0 else []         # the prompt's tail (a leading BOS is lost)
+    return p, a, True
+
+
+def encode(tokenizer, ex, max_len, train_on_prompt=False, with_answer=True):
+    """Example -> {"ids": [int], "labels": [int] (token id where it is a target, else IGNORE), ...}.
+
+    labels are aligned with ids (not shifted); collate() shifts them. Answer tokens are targets; with
+    train_on_prompt the prompt tokens are too (except a leading BOS, which nothing predicts).
+    NOTE: the reference trains on every token, prompt and padding included; we never train on padding.
+    """
+    prompt = tokenizer.encode(ex.prompt, add_bos=None if ex.bos else False) if ex.prompt or ex.bos else []
+    if ex.kind == "cls" and ex.prompt2 is not None:
+        # The reference tokenises each field with BOS and concatenates: BOS s1 BOS s2.
+        prompt = prompt + tokenizer.encode(ex.prompt2, add_bos=None)
+    answer = []
+    if with_answer and ex.kind == "choice":
+        # NOTE: the reference trains on all tokens of " " + label and scores the last one at the last
+        # prompt position; we train exactly that token at that position, so training and scoring agree
+        # when " " + label is several tokens (SmolLM2: " 1" = " ", "1").
+        answer = [option_token_ids(tokenizer, ex.options)[ex.label]]
+    elif with_answer and ex.kind == "lm":
+        answer = tokenizer.encode(ex.answer, add_bos=False)
+        if ex.eos and tokenizer.eos_id is not None:
+            answer = answer + [tokenizer.eos_id]
+    prompt, answer, cut = truncate(prompt, answer, max_len)
+    ids = prompt + answer
+    if not ids:
+        raise ValueError(f"{ex.task}: an example has no tokens: {ex.prompt[:40]!r}")
+    labels = [IGNORE] * len(prompt) + answer
+    if train_on_prompt or not ex.prompt:
+        labels = list(ids)
+    if ex.kind == "cls":
+        labels = [IGNORE] * len(ids)
+    return {"ids": ids, "labels": labels, "truncated": cut, "example": ex}
+
+
+def collate(items, pad_id, num_labels=None):
+    """Right-pad a list of encode() outputs into tensors.
+
+    input_ids (B,T), attention_mask (B,T) 1 = token, targets (B,T): the token to predict AT position t
+    (labels shifted left by one, IGNORE where none), last (B,) index of the last real token,
+    labels (B,) long or (B,C) float multi-hot for classification.
+    """
+    B, T = len(items), max(len(it["ids"]) for it in items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["ids"])
+        input_ids[b, :n] = torch.tensor(it["ids"])
+        attention_mask[b, :n] = 1
+        targets[b, :n - 1] = torch.tensor(it["labels"][1:])   # position t predicts token t+1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
+             "last": attention_mask.sum(1) - 1}
+    exs = [it["example"] for it in items]
+    if exs[0].kind == "cls":
+        if isinstance(exs[0].label, list):
+            multi = torch.zeros(B, num_labels)                   # (B,C) multi-hot
+            for b, e in enumerate(exs):
+                multi[b, e.label] = 1.0
+            batch["labels"] = multi
+        else:
+            batch["labels"] = torch.tensor([e.label for e in exs])  # (B,)
+    return batch
+
+
+def step_indices(n, step, batch_size, seed):
+    """Indices of the examples of optimiser step `step` (a global batch) in a stream of epochs, each a
+    fresh permutation seeded by (seed, epoch). Position = step * batch_size, so resuming needs only
+    the step. NOTE: the reference shuffles once and reuses that order every epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(batch_size - len(out), n - i)
+        out += perm[i:i + take].tolist()
+        pos += take
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def f1_score(pred, gold):
+    """Binary F1 of class 1 when there are two classes, else macro-F1 over the classes present."""
+    classes = sorted(set(gold) | set(pred))
+    pos = [1] if set(classes) <= {0, 1} else classes
+    f1s = []
+    for c in pos:
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(f1s) / len(f1s)
+
+
+def matthews(pred, gold):
+    """Matthews correlation coefficient, multi-class form (Gorodkin 2004); 0 when undefined."""
+    classes = sorted(set(gold) | set(pred))
+    n = len(gold)
+    c = sum(p == g for p, g in zip(pred, gold))
+    t = [sum(g == k for g in gold) for k in classes]      # true counts per class
+    p = [sum(q == k for q in pred) for k in classes]      # predicted counts per class
+    num = c * n - sum(a * b for a, b in zip(t, p))
+    den = math.sqrt(n * n - sum(b * b for b in p)) * math.sqrt(n * n - sum(a * a for a in t))
+    return num / den if den else 0.0
+
+
+def multilabel_metrics(pred, gold):
+    """pred, gold: lists of sets of class ids. Exact-match accuracy and micro-F1."""
+    tp = sum(len(p & g) for p, g in zip(pred, gold))
+    fp = sum(len(p - g) for p, g in zip(pred, gold))
+    fn = sum(len(g - p) for p, g in zip(pred, gold))
+    return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0}
+
+
+def baselines(golds, n_options):
+    """Chance (mean of 1/#options) and majority (always the most frequent gold answer) accuracy."""
+    chance = sum(1 / k for k in n_options) / len(n_options)
+    counts = {}
+    for g in golds:
+        counts[g] = counts.get(g, 0) + 1
+    return chance, max(counts.values()) / len(golds)

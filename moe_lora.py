@@ -1,0 +1,564 @@
+"""MixLoRA (a mixture of LoRA experts in every FFN), the Select-MoE quality gate and trash expert, and
+one load/save entry point for every adapter of the project (LoRA, DoRA, MixLoRA).
+
+References
+  MixLoRA     Li et al. 2024, "MixLoRA: Enhancing LLMs Fine-Tuning with LoRA-based Mixture of Experts",
+              arXiv 2404.15159, sec. 3 (shared frozen FFN, per-expert LoRA, top-k router, aux loss) and
+              Table 6 (the optimisation: base W1/W3 computed once for all tokens); reference code
+              MoE-PEFT / the `mixlora` package, specified in ../shared/reference/mixlora.md sec. 3, 4, 8.
+  Switch      Fedus et al. 2021, arXiv 2101.03961 (top-1 routing with expert capacity, see routers.py).
+  Select-MoE  FGinfinite/Qualitiy-Gate ("MyGO", no paper), ../shared/reference/select_moe.md sec. 1-3:
+              a per-layer quality gate g = sigmoid(w_q u) mixing the MoE output with a trash expert.
+
+The MoE-LoRA FFN (u: the post-attention RMSNorm output; s = lora_alpha / r; the routers run in fp32):
+
+    u ──► moe_gate (router) ──► weights (N, E): K non-zero per token (top-k), fewer (top-p, Switch)
+    │
+    ├──► W_gate u, W_up u            frozen base, computed ONCE for all tokens (fast path)
+    │      for each expert e, on the tokens routed to it:
+    │        g_e = W_gate u + s B_g,e A_g,e u          the expert's own LoRA on gate_proj
+    │        v_e = W_up u   + s B_u,e A_u,e u          ... on up_proj
+    │        a_e = silu(g_e) * v_e                     (n_e, I)
+    │      y_moe = W_down (sum_e w_e a_e) + sum_e w_e s B_d,e A_d,e a_e      base down_proj ONCE
+    │
+    ├──► quality_gate ──► s_q (B, T) ──► g = sigmoid(s_q)                     (Select-MoE, optional)
+    └──► trash expert: 0 | noise N(mean u, std u) | custom f(u)
+         y = g * y_moe + (1 - g) * y_trash          the decoder layer adds y to its residual
+
+Attention projections get one ordinary LoRA per adapter (lora.LoRALinear), shared by all experts.
+
+Checked by test_moe_lora.py: E=1/k=1 equals a dense LoRA FFN; the fast path equals the plain
+(reference) path in outputs and gradients for every router, with and without the gate; aux tensors
+keep their gradients under activation checkpointing; exact save/load round trips in both file
+formats; and, when the `mixlora` package is importable, the same logits as the package on
+transformers' Llama in both directions. Run `python moe_lora.py` for a tiny demo.
+
+Shape legend: B batch, T time, D hidden, I FFN intermediate, N = B*T tokens, E experts, K top-k,
+S routed (token, expert) slots (N*K for top-k), r rank.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import lora
+from losses import QUALITY_LOSS_KINDS
+from routers import STRATEGIES, Router, check_router_config
+
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+TRASH_MODES = ("zero", "noise", "custom")
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the keys of the reference's adapter_config.json (MoE-PEFT MixLoraConfig.export) + Select-MoE
+
+
+@dataclass
+class MixLoRAConfig:
+    """MixLoRA + Select-MoE hyper-parameters; field names are the adapter_config.json keys.
+
+    Attention projections in target_modules get one shared LoRA; FFN projections get E expert LoRAs.
+    Defaults are the reference code's (mixlora.md sec. 3-5, select_moe.md sec. 1-3). router_init_range
+    and jitter_noise left at None take the reference's per-strategy defaults: 1.0 and 0.01 for
+    "mixlora-switch", 0.02 and 0.0 otherwise.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: list(lora.PROJECTIONS))
+    use_dora: bool = False
+    use_rslora: bool = False
+    init_lora_weights: str = "original"    # reference key `lora_init`
+    routing_strategy: str = "mixlora"      # see routers.STRATEGIES
+    num_experts: int = 8
+    top_k: int = 2
+    top_p: float = 0.8
+    temperature: float = 0.0
+    expert_capacity: int | None = None     # None: ceil(capacity_factor * tokens / E) (routers.py)
+    capacity_factor: float = 1.0
+    router_init_range: float | None = None
+    jitter_noise: float | None = None
+    router_aux_loss_coef: float = 0.001    # code default; the MixLoRA paper text says 1e-2
+    router_z_loss_coef: float = 0.001
+    expert_lora: dict | None = None        # {r, lora_alpha, lora_dropout, use_dora, use_rslora} for experts
+    act_fn: str = "silu"
+    # Select-MoE quality gate (select_moe.md sec. 1.3, 2, 3)
+    quality_gate: bool = False
+    quality_gate_init_mean: float = 0.0
+    quality_gate_init_std: float = 0.02
+    trash_expert_mode: str = "zero"
+    quality_loss_type: str = "sigmoid"
+    # NOTE: the reference's config class says 0.5 and False; its stage-1 yaml (the values in effect) 1 and True.
+    quality_loss_weight: float = 1.0
+    sample_wise_averaging: bool = True
+    beta_target_mean: float = 0.5
+    beta_target_var: float = 0.05
+    w_mean: float = 1.0
+    w_var: float = 1.0
+    lambda_var: float = 0.1
+    task_type: str = "CAUSAL_LM"
+    base_model_name_or_path: str = ""
+
+    def __post_init__(self):
+        switch = self.routing_strategy == "mixlora-switch"
+        if self.router_init_range is None:
+            self.router_init_range = 1.0 if switch else 0.02
+        if self.jitter_noise is None:
+            self.jitter_noise = 0.01 if switch else 0.0
+        if isinstance(self.target_modules, dict):  # the reference also accepts {name: bool}
+            self.target_modules = [k for k, v in self.target_modules.items() if v]
+        self.target_modules = list(self.target_modules)
+        bad = [t for t in self.target_modules if t not in lora.PROJECTIONS]
+        if bad or not self.target_modules:
+            raise ValueError(f"target_modules: expected names from {lora.PROJECTIONS}, got {self.target_modules}")
+        check_router_config(self.num_experts, self.routing_strategy, self.top_k, self.top_p, self.temperature,
+                            self.capacity_factor, self.expert_capacity, self.jitter_noise, self.router_init_range)
+        if set(self.expert_lora or {}) - {"r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "bias"}:
+            raise ValueError(f"expert_lora: unknown keys in {self.expert_lora}")
+        lora.LoraConfig(**self.expert_settings(), target_modules=["x"])  # r, dropout, init checks
+        if self.act_fn not in ACTIVATIONS:
+            raise ValueError(f"act_fn: unknown {self.act_fn!r}, expected one of {', '.join(ACTIVATIONS)}")
+        if self.trash_expert_mode not in TRASH_MODES:
+            raise ValueError(f"trash_expert_mode: unknown {self.trash_expert_mode!r}, expected one of {TRASH_MODES}")
+        if self.quality_loss_type not in QUALITY_LOSS_KINDS:
+            raise ValueError(f"quality_loss_type: unknown {self.quality_loss_type!r}, expected one of {QUALITY_LOSS_KINDS}")
+        if self.quality_gate_init_std < 0 or self.quality_loss_weight < 0:
+            raise ValueError("quality_gate_init_std and quality_loss_weight must be >= 0")
+        if self.quality_gate and not set(FFN_PROJECTIONS) & set(self.target_modules):
+            raise ValueError("quality_gate needs MoE layers: target_modules has none of gate_proj, up_proj, down_proj")
+
+    def expert_settings(self):
+        """LoRA settings of the FFN experts: the top-level ones overridden by `expert_lora`."""
+        s = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, use_dora=self.use_dora,
+                 use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights)
+        s.update({k: v for k, v in (self.expert_lora or {}).items() if k != "bias"})
+        return s
+
+    def attention_config(self):
+        """lora.LoraConfig for the shared attention LoRA, or None when no attention projection is targeted."""
+        attn = [t for t in self.target_modules if t not in FFN_PROJECTIONS]
+        return lora.LoraConfig(self.r, self.lora_alpha, self.lora_dropout, attn, self.use_rslora, self.use_dora,
+                               self.init_lora_weights) if attn else None
+
+    @classmethod
+    def from_dict(cls, d):
+        """From an adapter_config.json dict (ours or the reference's); unknown keys are ignored."""
+        d = dict(d)
+        if "lora_init" in d:
+            d.setdefault("init_lora_weights", d.pop("lora_init"))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self, reference=False):
+        """adapter_config.json contents. reference=True follows the compatibility recipe (mixlora.md sec. 8)
+        so that the `mixlora` package and MoE-PEFT read it: int lora_alpha, lora_dropout > 0, floats."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}  # the reference chokes on null expert_lora
+        d.update(peft_type="MIXLORA", bias="none", lora_init=self.init_lora_weights,
+                 router_init_range=float(self.router_init_range), jitter_noise=float(self.jitter_noise))
+        if reference:
+            if not float(self.lora_alpha).is_integer():
+                raise ValueError(f"lora_alpha={self.lora_alpha}: the reference format needs an integer")
+            d["lora_alpha"] = int(self.lora_alpha)
+            # NOTE: both reference loaders assert lora_dropout > 0; a 0 is written as 1e-6 (off in eval anyway).
+            d["lora_dropout"] = float(max(self.lora_dropout, 1e-6))
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experts: E LoRAs sharing one frozen projection
+
+
+class LoRAExpert(nn.Module):
+    """One expert's LoRA on one projection: A (r, d_in) Kaiming-uniform(a=sqrt(5)) (or N(0, 1/r^2) for
+    "gaussian"), B (d_out, r) zeros, and with DoRA a magnitude m (d_out,) = ||W0||_row at init."""
+
+    def __init__(self, d_in, d_out, r, init, device):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device))     # (r, d_in) fp32
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))    # (d_out, r) fp32
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
+class ExpertProjection(nn.Module):
+    """A frozen FFN projection W0 (d_out, d_in) shared by E experts, each adding its own LoRA or DoRA:
+
+        LoRA:  y_e = W0 x + s B_e A_e drop(x) + b
+        DoRA:  y_e = m_e / ||W0 + s B_e A_e||_row * (W0 x + s B_e A_e drop(x)) + b     (norm detached)
+
+    `weight`/`bias` ARE the base nn.Linear's parameters, so the state-dict keys stay HF's
+    (`mlp.gate_proj.weight`) and the experts are `mlp.gate_proj.experts.{e}.lora_A`, the reference's
+    tensor names. With no experts (projection not targeted) every expert uses W0 alone.
+    NOTE: the bias sits outside the DoRA rescaling as in lora.py / HF PEFT (the reference puts it inside).
+    """
+
+    def __init__(self, base, num_experts, r, lora_alpha, lora_dropout, use_dora, use_rslora, init_lora_weights):
+        """base: the nn.Linear to share; the LoRA settings are MixLoRAConfig.expert_settings()."""
+        super().__init__()
+        base.requires_grad_(False)
+        self.weight, self.bias = base.weight, base.bias                     # (d_out, d_in), (d_out,) | None
+        d_out, d_in = base.weight.shape
+        self.scaling, self.use_dora = lora.lora_scaling(lora_alpha, r, use_rslora), use_dora and num_experts > 0
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()  # Identity: no copy
+        self.experts = nn.ModuleList(LoRAExpert(d_in, d_out, r, init_lora_weights, base.weight.device)
+                                     for _ in range(num_experts))
+        if self.use_dora:
+            for e, ex in enumerate(self.experts):
+                ex.magnitude = nn.Parameter(self.weight_norm(e))            # (d_out,): DoRA is a no-op at init
+
+    @torch.no_grad()
+    def weight_norm(self, e):
+        """||W0 + s B A||_row (d_out,) for expert e, detached (DoRA sec. 4.3), via the expansion
+        n^2 = ||W0||^2 + 2 s rowsum(B * W0 A^T) + s^2 rowsum(B A A^T * B) (no (d_out, d_in) temporary)."""
+        A, B, s = self.experts[e].lora_A, self.experts[e].lora_B, self.scaling
+        w = self.weight.to(A.dtype)
+        n2 = w.square().sum(1) + 2 * s * (B * F.linear(w, A)).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
+        return n2.clamp_min(0).sqrt()
+
+    def low_rank(self, x, e):
+        """s A_e drop(x): (n, d_in) -> (n, r) in the adapters' fp32 (the scaling on the small side)."""
+        A = self.experts[e].lora_A
+        return F.linear(self.dropout(x).to(A.dtype), A) * self.scaling
+
+    def delta(self, x, e):
+        """s B_e A_e drop(x): (n, d_in) -> (n, d_out) fp32."""
+        return F.linear(self.low_rank(x, e), self.experts[e].lora_B)
+
+    def forward(self, x, e, wx=None):
+        """Expert e on its tokens x (n, d_in) -> (n, d_out); wx = W0 x when already computed (fast path)."""
+        wx = F.linear(x, self.weight) if wx is None else wx                 # (n, d_out), no bias yet
+        if self.experts:
+            h, B = self.low_rank(x, e), self.experts[e].lora_B              # (n, r), (d_out, r)
+            if self.use_dora:
+                wx = (self.experts[e].magnitude / self.weight_norm(e)) * (wx.to(h.dtype) + F.linear(h, B))
+            elif wx.dtype == h.dtype:
+                wx = torch.addmm(wx, h, B.t())                              # W0 x + s B A x in one pass
+            else:
+                wx = wx + F.linear(h, B).to(wx.dtype)
+        wx = wx.to(x.dtype)
+        return wx if self.bias is None else wx + self.bias
+
+
+# ----------------------------------------------------------------------------------------------------
+# The MixLoRA FFN with the optional Select-MoE quality gate
+
+
+class MixLoRAFFN(nn.Module):
+    """Drop-in replacement of a LlamaMLP: y = sum_e w_e(u) expert_e(u), optionally gated (Select-MoE).
+
+    expert_e(u) = down_e(act(gate_e(u)) * up_e(u)), every projection the frozen base plus expert e's LoRA
+    (MixLoRA sec. 3.1). w = moe_gate(u) (N, E) is the dense routing matrix of routers.Router, init
+    N(0, router_init_range). Padding tokens (token_mask False) skip the experts: their output is 0.
+    NOTE: the reference routes and computes padding too; those outputs are never read.
+
+    Two paths, equal up to float rounding (test_moe_lora.py checks outputs and gradients):
+      plain (fast_path=False): the reference's `_mixlora_compatible_forward`: per expert, gather its
+          tokens, run the whole expert MLP, scale by w, index_add_ into the output.
+      fast (default): W_gate u and W_up u once for all tokens (the MixLoRA paper's optimisation, its
+          Table 6), experts add only their LoRA deltas on their tokens, and by linearity W_down is applied
+          ONCE to sum_e w_e a_e (I wide) instead of once per (token, expert) slot. Slots are sorted by
+          expert once, so each expert's tokens are a contiguous slice and the Python loop only issues the
+          small LoRA matmuls (addmm fuses W0 x + s B A x). Falls back to the plain path when down_proj
+          experts use DoRA (m_e / n_e breaks the linearity).
+
+    Quality gate (Select-MoE sec. 1.2): s_q = quality_gate(u) (B, T) fp32, init N(mean, std) from the
+    config (NOTE: the reference overwrites that init with N(0, 0.02) in post_init; here it takes effect),
+    g = sigmoid(s_q), y = g * y_moe + (1 - g) * y_trash. Trash expert: "zero" (y_trash = 0), "noise"
+    (per token N(mean_d u, std_d u), unbiased std + 1e-8, detached; NOTE: the reference draws it at eval
+    too, we use its mean, so scores are deterministic), "custom" (any module or function u -> y_trash).
+    forward returns (y (B, T, D), aux) with aux = {"router_logits": (N, E) fp32, "router_weights": (N, E)
+    fp32, "gate_logits": (B, T) fp32 when the gate is on}: returned tensors, so they keep their gradients
+    under activation checkpointing (NOTE: the reference returned them in a dict that reentrant
+    checkpointing detached, so its quality loss had no gradient, bug B1).
+    """
+
+    def __init__(self, mlp, cfg, trash_expert=None, fast_path=True):
+        super().__init__()
+        D, dev = mlp.gate_proj.in_features, mlp.gate_proj.weight.device
+        for name in FFN_PROJECTIONS:
+            E = cfg.num_experts if name in cfg.target_modules else 0
+            setattr(self, name, ExpertProjection(getattr(mlp, name), E, **cfg.expert_settings()))
+        self.moe_gate = Router(D, cfg.num_experts, cfg.routing_strategy, cfg.top_k, cfg.top_p, cfg.temperature,
+                               cfg.capacity_factor, cfg.expert_capacity, cfg.jitter_noise,
+                               cfg.router_init_range).to(dev)
+        self.num_experts, self.act, self.fast_path = cfg.num_experts, ACTIVATIONS[cfg.act_fn], fast_path
+        self.quality_gate, self.trash_mode = None, cfg.trash_expert_mode
+        if cfg.quality_gate:
+            self.quality_gate = nn.Linear(D, 1, bias=False, device=dev)    # (1, D) fp32
+            nn.init.normal_(self.quality_gate.weight, cfg.quality_gate_init_mean, cfg.quality_gate_init_std)
+            if self.trash_mode == "custom" and not callable(trash_expert):
+                raise ValueError("trash_expert_mode='custom' needs a trash_expert module or function")
+            self.trash_expert = trash_expert if self.trash_mode == "custom" else None
+
+    def trash(self, u):
+        """y_trash (B, T, D) for the (1 - g) branch (select_moe.md sec. 2)."""
+        if self.trash_mode == "custom":
+            return self.trash_expert(u)
+        mu = u.detach().mean(-1, keepdim=True)                              # (B, T, 1)
+        if not self.training:
+            return mu.expand_as(u)                                          # E[noise]: deterministic at eval
+        sd = u.detach().std(-1, keepdim=True) + 1e-8                        # (B, T, 1) unbiased, as reference
+        return torch.randn_like(u) * sd + mu                                # (B, T, D), no gradient
+
+    def forward(self, u, token_mask=None):
+        B, T, D = u.shape
+        x = u.reshape(B * T, D)                                             # (N, D)
+        logits, weights = self.moe_gate(u, token_mask)                      # (N, E) fp32 each
+        routed = weights if token_mask is None else weights * token_mask.reshape(-1, 1)  # padding -> 0
+        exp, tok = routed.t().nonzero(as_tuple=True)                        # (S,), (S,) sorted by expert
+        w = weights[tok, exp].to(u.dtype)                                   # (S,) differentiable weights
+        counts = torch.bincount(exp, minlength=self.num_experts).tolist()   # tokens per expert (1 sync)
+        if self.fast_path and not self.down_proj.use_dora:
+            y = self.fast_forward(x, tok, w, counts, routed.sum(-1))
+        else:
+            y = self.plain_forward(x, tok, w, counts)
+        y = y.view(B, T, D)
+        aux = {"router_logits": logits, "router_weights": weights}
+        if self.quality_gate is not None:
+            s = self.quality_gate(u.to(self.quality_gate.weight.dtype)).squeeze(-1)  # (B, T) fp32 logits
+            g = torch.sigmoid(s).unsqueeze(-1).to(y.dtype)                  # (B, T, 1)
+            y = g * y if self.trash_mode == "zero" else g * y + (1 - g) * self.trash(u)
+            aux["gate_logits"] = s
+        return y, aux
+
+    def plain_forward(self, x, tok, w, counts):
+        """Reference path: each expert's full MLP on its tokens, scaled, index_add_ (fp32 buffer)."""
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # (N, D)
+        for e, (t, we) in enumerate(zip(tok.split(counts), w.split(counts))):
+            if len(t):
+                xe = x.index_select(0, t)                                   # (n_e, D)
+                a = self.act(self.gate_proj(xe, e)) * self.up_proj(xe, e)   # (n_e, I)
+                y.index_add_(0, t, (self.down_proj(a, e) * we[:, None]).float())  # (n_e, D)
+        return y.to(x.dtype)
+
+    def fast_forward(self, x, tok, w, counts, wsum):
+        """Shared base gate/up once, per-expert LoRA deltas only, base down once on sum_e w_e a_e."""
+        # index_select, not x[tok]: its backward is an index_add, several times faster than index_put
+        G = F.linear(x, self.gate_proj.weight).index_select(0, tok)         # (S, I) W_gate x, gathered once
+        U = F.linear(x, self.up_proj.weight).index_select(0, tok)           # (S, I)
+        xs = x.index_select(0, tok)                                         # (S, D)
+        h = torch.zeros(x.shape[0], G.shape[1], dtype=G.dtype, device=x.device)  # (N, I) sum_e w_e a_e
+        d = []                                                              # down LoRA deltas
+        for e, (t, xe, ge, ue, we) in enumerate(zip(tok.split(counts), xs.split(counts), G.split(counts),
+                                                    U.split(counts), w.split(counts))):
+            if len(t):
+                a = self.act(self.gate_proj(xe, e, ge)) * self.up_proj(xe, e, ue) * we[:, None]  # (n_e, I) w_e a_e
+                h.index_add_(0, t, a)
+                if self.down_proj.experts:  # w s B A drop(a) = s B A drop(w a): a row scale passes dropout
+                    d.append(self.down_proj.delta(a, e))                    # (n_e, D)
+        y = F.linear(h, self.down_proj.weight)                              # (N, D) W_down sum_e w_e a_e
+        if self.down_proj.bias is not None:
+            y = y + wsum[:, None].to(y.dtype) * self.down_proj.bias         # sum_e w_e b
+        if d:
+            y = y.index_add(0, tok, torch.cat(d).to(y.dtype))               # (N, D)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Injection and freezing
+
+
+def inject_adapter(model, cfg, trash_expert=None):
+    """Add the adapter described by cfg to a loaded base model, in place, and freeze everything else.
+
+    lora.LoraConfig -> LoRA/DoRA on cfg.target_modules (lora.inject_lora). MixLoRAConfig -> shared LoRA on
+    the targeted attention projections and a MixLoRAFFN on every layer's mlp. Afterwards only adapters,
+    routers, gates (and a `score` head) train (lora.mark_trainable); a custom trash module stays frozen
+    unless the caller unfreezes it. The config is kept as model.adapter_config."""
+    if isinstance(cfg, lora.LoraConfig):
+        if getattr(cfg, "quality_gate", False):
+            raise ValueError("quality_gate needs MoE layers: use a MixLoRAConfig, not a LoraConfig")
+        lora.inject_lora(model, cfg)
+    elif isinstance(cfg, MixLoRAConfig):
+        if any(isinstance(layer.mlp, MixLoRAFFN) for layer in model.model.layers):
+            raise ValueError("model already has MixLoRA layers; inject into a fresh base model")
+        if cfg.attention_config() is not None:
+            lora.inject_lora(model, cfg.attention_config())
+        for layer in model.model.layers:
+            layer.mlp = MixLoRAFFN(layer.mlp, cfg, trash_expert).train(layer.mlp.training)
+    else:
+        raise ValueError(f"expected a lora.LoraConfig or MixLoRAConfig, got {type(cfg).__name__}")
+    model.adapter_config = cfg
+    lora.mark_trainable(model)
+    return model
+
+
+def set_fast_path(model, enabled=True):
+    """Choose the fast (default) or the plain reference path in every MixLoRA FFN of the model."""
+    for m in model.modules():
+        if isinstance(m, MixLoRAFFN):
+            m.fast_path = enabled
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapter files. Tensor names are the reference's: model.layers.{i}.X -> mixlora.layers.{i}.X, ".weight"
+# appended to lora_A/lora_B, `score.weight` -> `classifier`. Native: adapter_model.safetensors; reference:
+# adapter_model.bin (torch.save of CPU fp32 tensors). Both also carry our extras (quality_gate, DoRA
+# magnitudes), which the `mixlora` package ignores.
+
+
+def adapter_tensors(model):
+    """{reference tensor name: parameter} for every adapter parameter of a MixLoRA model."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not any(k in name for k in lora.ADAPTER_KEYS):
+            continue
+        key = "classifier" if name == "score.weight" else re.sub(r"^model\.layers\.", "mixlora.layers.", name)
+        out[key + ".weight" if key.endswith(("lora_A", "lora_B")) else key] = p
+    return out
+
+
+def save_adapter(model, path, format="peft"):
+    """Write the model's adapter to the folder `path` (atomically: written next to it, then renamed).
+
+    LoRA/DoRA: PEFT layout (lora.save_peft_adapter). MixLoRA: format="peft" (default) writes the native
+    adapter_config.json + adapter_model.safetensors; format="mixlora" the reference layout (adapter_model.bin
+    + a config following mixlora.md sec. 8) that MoE-PEFT and the `mixlora` package load."""
+    cfg = getattr(model, "adapter_config", None)
+    if cfg is None:
+        raise ValueError("model has no adapter: call inject_adapter or load_adapter first")
+    if format not in ("peft", "mixlora"):
+        raise ValueError(f"format: expected 'peft' or 'mixlora', got {format!r}")
+    base = cfg.base_model_name_or_path if isinstance(cfg, MixLoRAConfig) else ""
+    base = base or getattr(model, "path", "")
+    if not isinstance(cfg, MixLoRAConfig):
+        if format == "mixlora":
+            raise ValueError("format='mixlora' needs a MixLoRA adapter; this model has a plain LoRA")
+        lora.save_peft_adapter(model, path, cfg, base_model_name_or_path=base)
+        return path
+    config = cfg.to_dict(reference=format == "mixlora")
+    config.update(base_model_name_or_path=base, task_type="SEQ_CLS" if getattr(model, "score", None) is not None
+                  else cfg.task_type or "CAUSAL_LM")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_tensors(model).items()}
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    weights = names[format == "mixlora"]
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+    try:
+        if format == "mixlora":
+            torch.save(tensors, os.path.join(tmp, weights))
+        else:
+            save_file(tensors, os.path.join(tmp, weights), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if not os.path.isdir(path):
+            os.replace(tmp, path)                                   # one atomic rename of the folder
+            return path
+        for fname in (weights, "adapter_config.json"):              # weights first, config last
+            os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+        for stale in names:                                         # the loader prefers .safetensors
+            if stale != weights and os.path.exists(os.path.join(path, stale)):
+                os.remove(os.path.join(path, stale))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_adapter(model, path, trash_expert=None):
+    """Inject and load the adapter folder `path` into a freshly loaded base model; returns the model.
+
+    Recognises PEFT LoRA/DoRA folders (lora.load_peft_adapter), our native MixLoRA folders and the
+    reference's (peft_type "MIXLORA", adapter_model.bin). Every file tensor must match an adapter tensor by
+    name and shape; the expert count must agree with the config. DoRA magnitudes absent from the file (the
+    reference never stores them) are set to ||W0 + sBA||, as the reference does on load."""
+    config, tensors = lora.read_adapter_files(path)
+    if config.get("peft_type") != "MIXLORA":
+        return lora.load_peft_adapter(model, path)
+    cfg = MixLoRAConfig.from_dict(config)
+    where = os.path.join(path, "adapter_config.json")
+    for key, t in tensors.items():
+        m = re.search(r"\.experts\.(\d+)\.", key)
+        if key.endswith("moe_gate.weight") and t.shape[0] != cfg.num_experts or m and int(m.group(1)) >= cfg.num_experts:
+            n = t.shape[0] if key.endswith("moe_gate.weight") else f"at least {int(m.group(1)) + 1}"
+            raise ValueError(f"{where}: num_experts={cfg.num_experts} but the weights hold {n} experts ({key})")
+    if "classifier" in tensors and getattr(model, "score", None) is None:
+        C, D = tensors["classifier"].shape                          # (C, D): classes from the file
+        model.score = nn.Linear(D, C, bias=False, device=model.model.embed_tokens.weight.device)
+    inject_adapter(model, cfg, trash_expert)
+    params = adapter_tensors(model)
+    for key in tensors:
+        if key not in params:
+            raise ValueError(f"{path}: tensor {key} has no matching module in the model")
+    with torch.no_grad():
+        for key, p in params.items():
+            if key not in tensors:
+                if key.endswith("magnitude"):
+                    continue                                        # filled in below from A and B
+                raise ValueError(f"{path}: tensor {key} missing from the adapter file")
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[key].to(p.dtype))
+        for name, m in model.named_modules():                       # reference DoRA files: m = ||W0 + sBA||
+            key = "mixlora." + name.removeprefix("model.") + ".magnitude"
+            if isinstance(m, lora.LoRALinear) and m.use_dora and key not in tensors:
+                m.magnitude.copy_(m.weight_norm())
+            if isinstance(m, ExpertProjection) and m.use_dora:
+                for e, ex in enumerate(m.experts):
+                    if key.replace(".magnitude", f".experts.{e}.magnitude") not in tensors:
+                        ex.magnitude.copy_(m.weight_norm(e))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Router statistics for log lines
+
+
+@torch.no_grad()
+def router_stats(aux_list, token_mask=None):
+    """Per MoE layer: "load" (L, E), the fraction of routed (token, expert) assignments of real tokens that
+    went to each expert (each row sums to 1); "entropy" (L,), the mean over real tokens of the entropy (nats)
+    of softmax(router logits) (log E = uniform); "gate" (L,), the mean sigmoid quality gate, if present."""
+    load, ent, gate = [], [], []
+    for a in aux_list:
+        if not a or "router_logits" not in a:
+            continue                                                # not a MoE layer
+        n = a["router_logits"].shape[0]
+        m = torch.ones(n, dtype=torch.bool) if token_mask is None else token_mask.reshape(n).bool().cpu()
+        c = (a["router_weights"].detach().cpu()[m] > 0).float().sum(0)      # (E,) assignments per expert
+        load.append(c / c.sum().clamp(min=1.0))
+        logp = F.log_softmax(a["router_logits"].detach().float().cpu()[m], dim=-1)   # (n, E)
+        ent.append(-(logp.exp() * logp).sum(-1).mean())
+        if "gate_logits" in a:
+            gate.append(torch.sigmoid(a["gate_logits"].detach().float().cpu().reshape(n)[m]).mean())
+    out = {"load": torch.stack(load) if load else torch.zeros(0), "entropy": torch.stack(ent) if ent else torch.zeros(0)}
+    if gate:
+        out["gate"] = torch.stack(gate)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo
+
+if __name__ == "__main__":
+    import llama
+
+    torch.manual_seed(0)
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    model = llama.LlamaForCausalLM(cfg)
+    inject_adapter(model, MixLoRAConfig(r=4, num_experts=4, quality_gate=True, trash_expert_mode="noise"))
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(ids)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"logits {tuple(out.logits.shape)}, trainable {trainable} / {sum(p.numel() for p in model.parameters())}")
+    stats = router_stats(out.aux)
+    print("expert load, layer 0:", [round(v, 3) for v in stats["load"][0].tolist()])
+    print("routing entropy per layer:", [round(v, 3) for v in stats["entropy"].tolist()], "(log E =", round(math.log(4), 3), ")")
+    print("mean quality gate per layer:", [round(v, 3) for v in stats["gate"].tolist()])
+    for strategy in STRATEGIES:
+        print(strategy, "->", MixLoRAConfig(routing_strategy=strategy).router_init_range, "router init std")

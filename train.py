@@ -1,0 +1,604 @@
+"""
+train.py: fine-tune a Llama checkpoint with LoRA, DoRA or MixLoRA, evaluate it, and save the adapter.
+
+One flat script, read top to bottom like nanoGPT's train.py: arguments, setup, model + adapter, data,
+mode branch (evaluation only), optimiser and schedule, the loop, the final evaluation. The data side
+(formats, tasks, prompts, scoring, collation, metrics) lives in data.py, the losses in losses.py.
+
+    python train.py --model PATH                         # MixLoRA on a built-in task, accuracy before/after
+    python train.py --model PATH --task arc-e,boolq --max-train 400 --max-eval 300 --out runs/mt
+    python train.py --model PATH --adapter lora --data ../shared/data/alpaca/alpaca_en_demo.json
+    python train.py --model PATH --data ../shared/data/sentiment/train.jsonl \\
+                    --eval-data ../shared/data/sentiment/test.jsonl     # classification head
+    python train.py --model PATH --task boolq --eval-only [--adapter-path runs/mt/best]
+    python train.py --model PATH --task boolq --out runs/b --resume    # continue runs/b/checkpoint
+    torchrun --nproc_per_node 2 train.py --model PATH --task boolq      # data parallel (gloo / NCCL)
+    python train.py --model PATH --data D.json --adapter-path A --warmup --quality-loss bce --out runs/w
+    python train.py --model PATH --data D.json --adapter-path runs/w/last --score s.jsonl --select 0.05
+                                                  # Select-MoE warm-up, scoring, selection (selection.py)
+
+Reference: MoE-PEFT's trainer (../shared/reference/mixlora.md section 9): AdamW with weight decay
+0.01 on adapter parameters, LoRA+ groups, warmup + schedule, accumulation of micro-batches, router
+losses added with their coefficients. Departures are marked NOTE.
+
+Checked by test_train.py: one batch of 8 equals 4 micro-batches of 2, 2 processes equal 1 process,
+resume reproduces an uninterrupted run's losses, the error paths exit with one line.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import llama
+import losses
+import selection
+from lora import LoraConfig, lora_plus_param_groups, mark_trainable
+from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
+
+GET_CHECKPOINT = ("get one with `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR` "
+                  "or, offline, `python ../shared/tools/smollm2_checkpoint.py --out DIR`")
+SPARK = "▁▂▃▄▅▆▇█"
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+parser = argparse.ArgumentParser(description="Fine-tune a Llama checkpoint with LoRA / DoRA / MixLoRA.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
+arg("--model", help="Hugging Face Llama checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+arg("--out", default="out", help="output folder: log.jsonl, checkpoint/, best/ and last/ adapters")
+# adapter
+arg("--adapter", default="mixlora", choices=["lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch"],
+  help="adapter type; the mixlora* variants differ in routing (top-k, top-p, Switch top-1)")
+arg("--r", type=int, default=8, help="LoRA rank (of every expert for MixLoRA)")
+arg("--lora-alpha", type=float, default=16, help="LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
+arg("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input")
+arg("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+  help="comma-separated projections to adapt (MixLoRA: gate/up/down become experts)")
+arg("--use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+arg("--num-experts", type=int, default=8, help="MixLoRA experts per FFN")
+arg("--top-k", type=int, default=2, help="experts per token (mixlora)")
+arg("--top-p", type=float, default=0.8, help="probability mass kept per token (mixlora-dynamic)")
+arg("--temperature", type=float, default=0.0, help="router temperature (mixlora-dynamic; 0 = off)")
+arg("--capacity-factor", type=float, default=1.0, help="expert capacity factor (mixlora-switch)")
+arg("--jitter-noise", type=float, default=None,
+  help="multiplicative router input noise in training; default 0.01 for mixlora-switch, else 0 (reference)")
+arg("--router-aux-loss-coef", type=float, default=0.001, help="load-balancing loss coefficient (reference code: 0.001)")
+arg("--router-z-loss-coef", type=float, default=None,
+  help="router z-loss coefficient; default 0.001 for mixlora-switch and 0 otherwise, as in the reference")
+arg("--adapter-format", default="peft", choices=["peft", "mixlora"], help="file format of saved adapters")
+# data
+arg("--task", help="comma-separated tasks: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, demo")
+arg("--task-root", default=data.TASK_ROOT, help="folder with <task>/{train,test}.jsonl")
+arg("--data", help="training file(s), comma-separated: alpaca JSON/JSONL, chat 'messages', 'text', or sentence/label")
+arg("--eval-data", help="evaluation file(s) for --data (default: hold out --val-fraction of the training data)")
+arg("--val-fraction", type=float, default=0.05, help="held-out fraction of --data when there is no --eval-data")
+arg("--max-train", type=int, default=0, help="use at most this many training examples per source (0 = all)")
+arg("--max-eval", type=int, default=0, help="evaluate on at most this many examples per source (0 = all)")
+arg("--max-len", type=int, default=512, help="truncate examples to this many tokens (reference cutoff_len 512)")
+arg("--train-on-prompt", action="store_true", help="also train on prompt tokens (default: answer tokens only)")
+arg("--num-labels", type=int, default=0, help="classes of the classification head (0 = from the data)")
+# optimisation
+arg("--epochs", type=float, default=None, help="passes over the training data (default 2 as the reference; demo 1)")
+arg("--steps", type=int, default=0, help="optimiser steps; overrides --epochs when > 0")
+arg("--batch-size", type=int, default=None, help="examples per optimiser step, over all processes (default 16; demo 8)")
+arg("--micro-batch-size", type=int, default=0, help="examples per forward pass and process (0 = batch size)")
+arg("--lr", type=float, default=None, help="peak learning rate (default 2e-4 as the reference; demo 1e-3)")
+arg("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lr of lora_B = lr * ratio (1 = plain AdamW)")
+arg("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="lr after warmup")
+arg("--warmup-ratio", type=float, default=0.0, help="linear warmup, as a fraction of the optimiser steps")
+arg("--weight-decay", type=float, default=0.01, help="AdamW weight decay (reference: 0.01)")
+arg("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+  help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32. Weights stay fp32")
+arg("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+arg("--threads", type=int, default=0,
+  help="CPU threads per process; 0 = the cores divided among processes, or 1 when the machine is already "
+       "busy (load average >= cores), where competing OpenMP threads make every op many times slower")
+arg("--gradient-checkpointing", action="store_true", help="recompute layer activations in the backward pass")
+arg("--seed", type=int, default=42, help="seed of adapter init, data order and dropout")
+# evaluation, logging, checkpoints
+arg("--eval-every", type=int, default=0, help="evaluate every N optimiser steps (0 = only at the end)")
+arg("--eval-before", action=argparse.BooleanOptionalAction, default=True, help="evaluate before training too")
+arg("--eval-batch-size", type=int, default=16, help="examples per evaluation forward pass")
+arg("--log-every", type=int, default=1, help="print a progress line every N optimiser steps")
+arg("--save-every", type=int, default=0, help="write out/checkpoint every N steps (0 = at eval and at the end)")
+arg("--resume", action="store_true", help="continue from <out>/checkpoint (adapter, optimiser, step, RNG)")
+arg("--eval-only", action="store_true", help="only evaluate (the base model, or --adapter-path) and exit")
+arg("--adapter-path", help="adapter folder to evaluate with --eval-only, warm up with --warmup, or score with --score")
+# Select-MoE (selection.py): stage 1 warm-up here, then --score / --select
+arg("--quality-gate", action="store_true", help="add a Select-MoE quality gate g and trash expert to every MixLoRA FFN")
+arg("--warmup", action="store_true", help="Select-MoE stage 1: train only the quality gates and routers (adds the "
+  "gates), on --adapter-path (a trained MixLoRA adapter) or on fresh experts")
+arg("--trash-mode", default="zero", choices=["zero", "noise"], help="trash expert, weighted by 1 - g (overrides the adapter's)")
+arg("--quality-loss", default="sigmoid", choices=losses.QUALITY_LOSS_KINDS,
+  help="quality-gate loss L_q; bce needs a 'quality' label (1 good, 0 bad) on every training record")
+arg("--quality-loss-weight", type=float, default=1.0,
+  help="loss = CE + router_aux_loss_coef * (LB + weight * L_q) (reference stage 1: 1, with coef 0.01)")
+arg("--sample-wise", action=argparse.BooleanOptionalAction, default=True,
+  help="average L_q per sample, then over samples (reference stage 1: on)")
+selection.add_selection_args(parser)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers: data sources, router losses, evaluation, atomic saving
+
+
+def subsample(items, n, seed):
+    """At most n items, a fixed random subset (n = 0 keeps all)."""
+    if not n or len(items) <= n:
+        return items
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
+def load_sources(args, tok):
+    """(train examples, {name: eval examples}) from --task / --data, or the built-in demo task."""
+    train, evals = [], {}
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else ([] if args.data else ["demo"])
+    for t in tasks:
+        if t == "demo":
+            tr, te = data.demo_task()
+        else:
+            tr, te = data.load_task(t, "train", args.task_root), data.load_task(t, "test", args.task_root)
+        train += subsample(tr, args.max_train, args.seed)
+        evals[t] = subsample(te, args.max_eval, 0)  # seed 0: every run is scored on the same items
+    for path in (args.data.split(",") if args.data else []):
+        items = data.load_data(path, tok)
+        if args.quality_loss == "bce":  # per-sample labels for the bce quality loss
+            selection.attach_quality(items, path)
+        if not args.eval_data:  # hold out a fixed fraction
+            items = subsample(items, len(items), 0)
+            n_val = max(1, int(len(items) * args.val_fraction))
+            evals[os.path.basename(path)] = subsample(items[:n_val], args.max_eval, 0)
+            items = items[n_val:]
+        train += subsample(items, args.max_train, args.seed)
+    for path in (args.eval_data.split(",") if args.eval_data else []):
+        evals[os.path.basename(path)] = subsample(data.load_data(path, tok), args.max_eval, 0)
+    kinds = {e.kind for e in train + [x for v in evals.values() for x in v]}
+    if "cls" in kinds and len(kinds) > 1:
+        raise ValueError("classification data cannot be mixed with language-modelling data or tasks")
+    return train, evals
+
+
+def router_losses(aux, token_mask, cfg, quality=None):
+    """The router terms of the adapter's strategy, with their coefficients (mixlora.md section 5), and
+    the Select-MoE quality term; quality: the micro-batch's per-sample labels (for the bce loss)."""
+    aux = [x for x in aux if x is not None]
+    if not aux or "router_logits" not in aux[0]:
+        return {}
+    logits = [x["router_logits"] for x in aux]                                   # L x (N,E)
+    strategy = cfg.routing_strategy
+    if strategy == "mixlora":
+        lb = losses.load_balancing_loss(logits, token_mask, cfg.top_k)
+    elif strategy == "mixlora-dynamic":
+        lb = losses.dynamic_load_balancing_loss(logits, token_mask, cfg.top_p, cfg.temperature)
+    else:
+        lb = losses.switch_aux_loss(logits, token_mask)
+    terms = {"aux": cfg.router_aux_loss_coef * lb}
+    if cfg.router_z_loss_coef:
+        terms["z"] = cfg.router_z_loss_coef * losses.router_z_loss(logits, token_mask)
+    if getattr(cfg, "quality_gate", False) and "gate_logits" in aux[0]:  # Select-MoE gate, when present
+        labels = torch.tensor(quality, device=token_mask.device) if cfg.quality_loss_type == "bce" else None
+        q = losses.quality_loss([x["gate_logits"] for x in aux], token_mask, cfg.quality_loss_type,
+                                cfg.sample_wise_averaging, labels, cfg.beta_target_mean, cfg.beta_target_var,
+                                cfg.w_mean, cfg.w_var, cfg.lambda_var)
+        terms["quality"] = cfg.router_aux_loss_coef * cfg.quality_loss_weight * q
+    return terms
+
+
+def load_summary(load):
+    """Compact per-layer expert load: one spark character per layer for max-expert-share x E
+    (1 = perfectly balanced, each character step = +0.5), and the worst layer."""
+    ratio = load.max(1).values * load.shape[1]                                   # (L,)
+    chars = "".join(SPARK[min(len(SPARK) - 1, int((r - 1) / 0.5))] for r in ratio.tolist())
+    worst = int(ratio.argmax())
+    return f"load {chars} worst {ratio[worst]:.1f}x@L{worst}"
+
+
+def forward(model, batch, device, ctx, need_lm=True):
+    """One forward pass; the LM head only at positions with a target (llama's logits_mask)."""
+    ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    tmask = batch["targets"].to(device) != data.IGNORE if need_lm else torch.zeros_like(am, dtype=torch.bool)
+    with ctx:
+        out = model(ids, attention_mask=am, logits_mask=tmask)                   # logits (M,V)
+    return out, tmask
+
+
+@torch.no_grad()
+def evaluate(model, tok, evals, args, device, ctx):
+    """{source: metrics}. choice: accuracy of the best own-option token at the last prompt token;
+    cls: accuracy/F1/MCC of the head; lm: mean loss per target token. Baselines beside them."""
+    model.eval()
+    results = {}
+    for name, items in evals.items():
+        kind, enc = items[0].kind, [data.encode(tok, e, args.max_len, with_answer=items[0].kind == "lm") for e in items]
+        if sum(e["truncated"] for e in enc):
+            print(f"warning: {name}: {sum(e['truncated'] for e in enc)} of {len(enc)} evaluation examples "
+                  f"truncated to --max-len {args.max_len} tokens")
+        preds, golds, loss_sum, n_tok = [], [], 0.0, 0
+        for i in range(0, len(enc), args.eval_batch_size):
+            chunk = enc[i:i + args.eval_batch_size]
+            batch = data.collate(chunk, tok.pad_id, args.num_labels or None)
+            B = len(chunk)
+            if kind == "lm":
+                out, tmask = forward(model, batch, device, ctx)
+                loss_sum += losses.lm_loss(out.logits, batch["targets"].to(device)[tmask]).item()
+                n_tok += int(tmask.sum())
+                continue
+            last = batch["last"].to(device)
+            pick = torch.zeros_like(batch["attention_mask"], dtype=torch.bool).to(device)
+            pick[torch.arange(B), last] = kind == "choice"   # one LM-head row per example, in order
+            with ctx:
+                out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            logits_mask=pick)
+            if kind == "choice":                             # restricted to the question's own options
+                for b, it in enumerate(chunk):
+                    ids = data.option_token_ids(tok, it["example"].options)
+                    preds.append(int(out.logits[b, ids].argmax()))
+                    golds.append(it["example"].label)
+            else:
+                logits = model.score(out.hidden[torch.arange(B), last].float())  # (B,C)
+                multi = isinstance(chunk[0]["example"].label, list)
+                for b, it in enumerate(chunk):
+                    preds.append(set(torch.nonzero(logits[b] > 0).flatten().tolist()) if multi
+                                 else int(logits[b].argmax()))
+                    golds.append(set(it["example"].label) if multi else it["example"].label)
+        if kind == "lm":
+            results[name] = {"loss": loss_sum / max(n_tok, 1), "n": len(items)}
+            continue
+        if kind == "cls" and isinstance(golds[0], set):
+            results[name] = {**data.multilabel_metrics(preds, golds), "n": len(items)}
+            continue
+        n_opt = [len(e.options) if kind == "choice" else (args.num_labels or 2) for e in items]
+        chance, majority = data.baselines(golds, n_opt)
+        r = {"accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "chance": chance,
+             "majority": majority, "n": len(items)}
+        if kind == "cls":
+            r.update(f1=data.f1_score(preds, golds), mcc=data.matthews(preds, golds))
+        results[name] = r
+    model.train()
+    return results
+
+
+def headline(results):
+    """One number to pick the best adapter by: mean accuracy, or minus the mean eval loss."""
+    accs = [r["accuracy"] for r in results.values() if "accuracy" in r]
+    return sum(accs) / len(accs) if accs else -sum(r["loss"] for r in results.values()) / len(results)
+
+
+def format_results(results):
+    parts = []
+    for name, r in results.items():
+        if "loss" in r:
+            parts.append(f"{name}: loss {r['loss']:.4f} ppl {math.exp(min(r['loss'], 50)):.2f} (n={r['n']})")
+            continue
+        s = f"{name}: accuracy {100 * r['accuracy']:.1f}%"
+        s += "".join(f" {k} {100 * r[k]:.1f}" for k in ("f1", "mcc") if k in r)
+        if "chance" in r:
+            s += f" (n={r['n']}; chance {100 * r['chance']:.1f}%, majority {100 * r['majority']:.1f}%)"
+        parts.append(s)
+    return " | ".join(parts)
+
+
+def replace_dir(tmp, path):
+    """Move a finished folder into place: the old one is renamed away first, so a crash leaves one
+    complete copy (path, or path.old which --resume also accepts)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path + ".old", ignore_errors=True)
+        os.replace(path, path + ".old")
+    os.replace(tmp, path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+
+
+def save_checkpoint(path, model, opt, step, args, best):
+    """Adapter files (loadable with --adapter-path) + state.pt: exact trainable tensors, optimiser,
+    step (the schedule is a function of it), data position and RNG states."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, format=args.adapter_format)
+    state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+             "optimizer": opt.state_dict(), "step": step, "data_position": step * args.batch_size,
+             "best": best, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+             "args": vars(args)}
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    replace_dir(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The script
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.select is not None and not args.model:  # Select-MoE stage 2b alone: scores + data, no model
+        return selection.run_selection(args)
+    # The built-in demo (no --task, no --data) is tuned to finish in minutes on a CPU; the rest follows
+    # the reference's defaults.
+    demo = not args.task and not args.data
+    args.lr = args.lr or (1e-3 if demo else 2e-4)
+    args.epochs = args.epochs or (1 if demo else 2)
+    args.batch_size = args.batch_size or (8 if demo else 16)
+    history = {"loss": [], "eval": []}
+
+    # ---- 1. processes and device. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.device == "auto":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        cores = os.cpu_count() or 1
+        args.threads = args.threads or (1 if os.getloadavg()[0] >= cores else max(1, cores // world))
+        torch.set_num_threads(args.threads)
+    log = print if rank == 0 else (lambda *x, **k: None)
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    # ---- 2. base model, tokenizer, adapter
+    if not args.model or not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise FileNotFoundError(f"--model: {args.model or '(not given)'} is not a checkpoint folder with "
+                                f"config.json; {GET_CHECKPOINT}")
+    model = llama.from_pretrained(args.model, dtype=torch.float32, device=device)
+    tok = llama.load_tokenizer(args.model)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    args.max_len = min(args.max_len, model.config.context_length)
+    train_items, evals = load_sources(args, tok)
+    kind = (train_items or [x for v in evals.values() for x in v])[0].kind
+    if kind == "cls" and not args.num_labels:
+        labels = [x.label for v in [train_items] + list(evals.values()) for x in v]
+        args.num_labels = 1 + max(max(l) if isinstance(l, list) else l for l in labels)
+    torch.manual_seed(args.seed)  # same adapter init on every process
+    scoring = args.score is not None or args.select is not None
+    if args.eval_only or scoring:
+        if args.adapter_path:
+            load_adapter(model, args.adapter_path)
+    elif args.warmup and args.adapter_path:  # Select-MoE stage 1 on a trained MixLoRA adapter
+        load_adapter(model, args.adapter_path)
+        selection.add_quality_gates(model, trash_mode=args.trash_mode)
+        model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
+    else:
+        z_coef = args.router_z_loss_coef if args.router_z_loss_coef is not None else (
+            0.001 if args.adapter == "mixlora-switch" else 0.0)  # NOTE: the reference has a z-loss for Switch only
+        common = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.target_modules.split(","), use_rslora=args.use_rslora)
+        if (args.quality_gate or args.warmup) and args.adapter in ("lora", "dora"):
+            raise ValueError("--quality-gate/--warmup need MoE layers: use --adapter mixlora (or -dynamic, -switch)")
+        if args.adapter in ("lora", "dora"):
+            cfg = LoraConfig(**common, use_dora=args.adapter == "dora")
+        else:
+            cfg = MixLoRAConfig(**common, routing_strategy=args.adapter, num_experts=args.num_experts,
+                                top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                                capacity_factor=args.capacity_factor, jitter_noise=args.jitter_noise,
+                                router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=z_coef,
+                                quality_gate=args.quality_gate or args.warmup, trash_expert_mode=args.trash_mode)
+        if kind == "cls":  # HF LlamaForSequenceClassification's head; init as the reference (kaiming, a=sqrt 5)
+            model.score = nn.Linear(model.config.hidden_size, args.num_labels, bias=False, device=device)
+            nn.init.kaiming_normal_(model.score.weight, a=math.sqrt(5))
+        inject_adapter(model, cfg)
+        model.to(device)
+    if kind == "cls" and getattr(model, "score", None) is None:
+        raise ValueError("classification data needs a classification head: pass --adapter-path of a trained one")
+    n_train, n_total = mark_trainable(model)
+    cfg = getattr(model, "adapter_config", None)
+    if getattr(cfg, "quality_gate", False):  # the quality-loss settings of this run (saved with the adapter)
+        cfg.quality_loss_type, cfg.quality_loss_weight = args.quality_loss, args.quality_loss_weight
+        cfg.sample_wise_averaging = args.sample_wise
+    if args.warmup:  # Select-MoE stage 1: only the quality gates and the routers learn
+        n_train = selection.freeze_for_warmup(model)
+        if not args.adapter_path:
+            log("warning: --warmup on fresh experts: they are all the base FFN, so routing means little "
+                "(select_moe.md sec. 8); warm up a trained MixLoRA adapter with --adapter-path")
+    log(f"model {args.model}: {n_total / 1e6:.1f}M parameters, adapter {args.adapter if not (args.eval_only or scoring) else args.adapter_path or 'none'}"
+        f" with {n_train / 1e6:.3f}M trainable ({100 * n_train / n_total:.2f}%); device {device}, "
+        f"{'bf16 autocast' if use_bf16 else 'fp32'}, {world} process(es)" + (f" x {args.threads} threads" if args.threads else ""))
+
+    # ---- 3. modes that do not train branch here (the Select-MoE --score / --select modes plug in beside)
+    if scoring:  # Select-MoE stage 2 (and 2b with --select): score every record of --data
+        return selection.run_selection(args, model, tok, device, ctx, log) if rank == 0 else {}
+    if args.eval_only:
+        results = evaluate(model, tok, evals, args, device, ctx) if rank == 0 else {}
+        log(format_results(results))
+        return {"eval": results}
+
+    # ---- 4. tokenise the training set once; count truncation instead of hiding it
+    if not train_items:
+        raise ValueError("no training examples (check --task / --data / --max-train)")
+    train_enc = [data.encode(tok, e, args.max_len, args.train_on_prompt) for e in train_items]
+    n_cut = sum(e["truncated"] for e in train_enc)
+    if getattr(cfg, "quality_gate", False) and args.quality_loss == "bce" and any(
+            getattr(e, "quality", None) is None for e in train_items):
+        raise ValueError("--quality-loss bce needs a 'quality' label (1 good, 0 bad) on every record of --data")
+    if n_cut:
+        log(f"warning: {n_cut} of {len(train_enc)} training examples truncated to --max-len {args.max_len} tokens")
+    total_steps = args.steps or math.ceil(args.epochs * len(train_enc) / args.batch_size)
+    micro = args.micro_batch_size or args.batch_size
+    if args.batch_size < world:
+        raise ValueError(f"--batch-size {args.batch_size} is smaller than the number of processes ({world})")
+
+    # ---- 5. optimiser: AdamW on the adapter parameters only, LoRA+ groups (lr * ratio for lora_B)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = lora_plus_param_groups(model, args.lr, args.lora_plus_ratio, args.weight_decay)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = int(args.warmup_ratio * total_steps)
+
+    def lr_scale(step):
+        # 1) linear warmup from lr/(warmup+1) up to lr over the first `warmup` steps
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1 after warmup
+        # 2) constant: the reference's default scheduler
+        if args.schedule == "constant":
+            return 1.0
+        # 3) linear decay to 0
+        if args.schedule == "linear":
+            return 1.0 - progress
+        # 4) cosine decay to 0
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # ---- 6. resume: trainable tensors, optimiser, step (= schedule and data position), RNG
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_dir, start, best = os.path.join(args.out, "checkpoint"), 0, -float("inf")
+    if args.resume:
+        path = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + ".old"
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            raise FileNotFoundError(f"--resume: {ckpt_dir}/state.pt not found")
+        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+        try:
+            unknown = model.load_state_dict(state["trainable"], strict=False).unexpected_keys
+        except RuntimeError:  # a shape mismatch
+            unknown = True
+        if unknown or len(state["trainable"]) != len(params):
+            raise ValueError(f"--resume: {path} holds a different adapter (check --adapter and its sizes)")
+        opt.load_state_dict(state["optimizer"])
+        start, best = state["step"], state["best"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(state["rng"]["python"])
+        log(f"resumed from {path} at step {start}/{total_steps} (example {state['data_position']})")
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+
+    def run_eval(step):
+        nonlocal best
+        results = evaluate(model, tok, evals, args, device, ctx) if rank == 0 else {}
+        if rank == 0:
+            log(f"eval step {step}: {format_results(results)}")
+            log_file.write(json.dumps({"step": step, "eval": results}) + "\n")
+            log_file.flush()
+            history["eval"].append(results)
+            if step > 0 and headline(results) > best:
+                best = headline(results)
+                save_adapter(model, os.path.join(args.out, "best"), args.adapter_format)  # atomic
+        if world > 1:
+            dist.barrier()
+
+    def checkpoint(step):
+        if rank == 0:
+            save_checkpoint(ckpt_dir, model, opt, step, args, best)
+
+    # ---- 7. the loop
+    if args.eval_before and start == 0:
+        run_eval(0)
+    model.train()
+    t0, tokens_seen, completed = time.time(), 0, start
+    try:
+        for step in range(start, total_steps):
+            # dropout / jitter randomness is a function of (seed, step, rank), so resuming repeats it
+            torch.manual_seed(args.seed + 1_000_003 * step + rank)
+            scale = lr_scale(step)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            # this process's share of the global batch, cut into micro-batches
+            mine = data.step_indices(len(train_enc), step, args.batch_size, args.seed)[rank::world]
+            batches = [data.collate([train_enc[j] for j in mine[i:i + micro]], tok.pad_id, args.num_labels or None)
+                       for i in range(0, len(mine), micro)]
+            for b, i in zip(batches, range(0, len(mine), micro)):  # per-sample labels of the bce quality loss
+                b["quality"] = [getattr(train_enc[j]["example"], "quality", None) for j in mine[i:i + micro]]
+            # Normalise by the number of targets of the WHOLE optimiser step (summed over micro-batches
+            # and processes), not per micro-batch: then every target token weighs the same, and the
+            # gradient equals that of one big batch whatever the micro-batch size or process count.
+            # (Averaging per-micro-batch means would overweight tokens of short micro-batches.)
+            count = torch.tensor([float(sum(len(b["last"]) if kind == "cls" else (b["targets"] != data.IGNORE).sum()
+                                            for b in batches))], device=device)
+            if world > 1:
+                dist.all_reduce(count)
+            terms, loads = {}, []
+            for b in batches:
+                out, tmask = forward(model, b, device, ctx, need_lm=kind != "cls")
+                if kind == "cls":
+                    last = b["last"].to(device)
+                    logits = model.score(out.hidden[torch.arange(len(last)), last].float())  # (B,C)
+                    multi = b["labels"].dim() == 2
+                    task = losses.classification_loss(logits, b["labels"].to(device), multi) * len(last) / count
+                else:
+                    task = losses.lm_loss(out.logits, b["targets"].to(device)[tmask], "sum") / count
+                token_mask = b["attention_mask"].to(device).reshape(-1).bool()           # (N,)
+                # router terms are per micro-batch statistics, weighted by its share of the examples
+                # (the reference divides by the accumulation steps: the same for equal micro-batches)
+                extra = {k: v * len(b["last"]) / args.batch_size
+                         for k, v in router_losses(out.aux, token_mask, model.adapter_config, b["quality"]).items()}
+                loss = task + sum(extra.values())
+                loss.backward()
+                for k, v in {"task": task, **extra}.items():
+                    terms[k] = terms.get(k, 0.0) + v.detach()
+                load = router_stats(out.aux, token_mask)["load"]                        # (L,E) fractions
+                loads = loads + [load] if load.numel() else loads
+                tokens_seen += int(b["attention_mask"].sum())
+            # unused experts get a zero gradient rather than none, so every process steps the same tensors
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if world > 1:  # sum the gradients of all processes in one flat buffer (adapters are small)
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(flat)
+                torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+                for k in terms:
+                    dist.all_reduce(terms[k])
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            completed = done = step + 1
+
+            # one progress line per logging step, the same figures in log.jsonl
+            terms = {k: float(v) for k, v in terms.items()}
+            loss_value = sum(terms.values())
+            history["loss"].append(loss_value)
+            if rank == 0 and (done % args.log_every == 0 or done == total_steps):
+                dt = time.time() - t0
+                eta = dt / (done - start) * (total_steps - done)
+                rec = {"step": done, "loss": loss_value, **terms, "lr": args.lr * scale, "grad_norm": float(gnorm),
+                       "tok_s": tokens_seen * world / dt}
+                line = (f"step {done}/{total_steps} | loss {loss_value:.4f} "
+                        + " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "task")
+                        + f" | lr {args.lr * scale:.2e} | {rec['tok_s']:.0f} tok/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+                if loads:
+                    load = torch.stack(loads).mean(0)                                   # (L,E)
+                    rec["load"] = load.tolist()
+                    line += f" | {load_summary(load)}"
+                log(line)
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            if args.eval_every and done % args.eval_every == 0 and done < total_steps:
+                run_eval(done)
+            if (args.save_every and done % args.save_every == 0) or (args.eval_every and done % args.eval_every == 0):
+                checkpoint(done)
+    except KeyboardInterrupt:
+        # the interrupted step's partial gradients are dropped: the checkpoint is at the last whole step
+        checkpoint(completed)
+        log(f"\ninterrupted: checkpoint at step {completed} in {ckpt_dir}; continue with --resume")
+        sys.exit(130)
+
+    # ---- 8. final evaluation, last and best adapters, final checkpoint
+    if start < total_steps or not args.resume:
+        run_eval(total_steps)
+    if rank == 0:
+        save_adapter(model, os.path.join(args.out, "last"), args.adapter_format)
+        checkpoint(total_steps)
+        log(f"saved {args.out}/last (best: {args.out}/best) in {time.time() - t0:.0f}s")
+        log_file.close()
+    return history
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
