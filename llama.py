@@ -494,14 +494,17 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
     B, T = input_ids.shape
     if T + max_new_tokens > model.config.context_length:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context ({model.config.context_length})")
-    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    am = attention_mask  # None: no padding, so the forward skips building masks and positions from it
     p = next(model.parameters())
     cache = KVCache(model.config, B, T + max_new_tokens, p.dtype, p.device) if use_cache else None
     ids, new = input_ids, []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     step_ids = input_ids
     for _ in range(max_new_tokens):
-        logits = model(step_ids if use_cache else ids, attention_mask=am, cache=cache).logits[:, -1]  # (B,V)
+        x = step_ids if use_cache else ids
+        last = torch.zeros(x.shape, dtype=torch.bool, device=x.device)             # (B,T)
+        last[:, -1] = True  # LM head at the last position only (prompts are left-padded), not all T
+        logits = model(x, attention_mask=am, logits_mask=last, cache=cache).logits  # (B,V)
         nxt = sample_next(logits, temperature, top_k, top_p)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -509,7 +512,7 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
         new.append(nxt)
         step_ids = nxt[:, None]                                                   # (B,1)
         ids = torch.cat([ids, step_ids], 1)
-        am = torch.cat([am, torch.ones_like(step_ids)], 1)
+        am = torch.cat([am, torch.ones_like(step_ids)], 1) if am is not None else None
         if eos_id is not None and bool(done.all()):
             break
     return torch.stack(new, 1)                                                    # (B,n_new)

@@ -398,6 +398,24 @@ def read_adapter_files(path):
     raise FileNotFoundError(f"{path}: neither adapter_model.safetensors nor adapter_model.bin found")
 
 
+def copy_adapter_tensors(params, tensors, path, optional=None):
+    """Copy the file's tensors into the model's adapter parameters {name: Parameter}: every file tensor
+    must have a parameter and every parameter a tensor of its shape (names ending in `optional` may be
+    absent: DoRA magnitudes, which the reference never saves)."""
+    for key in tensors:
+        if key not in params:
+            raise ValueError(f"{path}: tensor {key} has no matching module in the model")
+    with torch.no_grad():
+        for key, p in params.items():
+            if key not in tensors:
+                if optional and key.endswith(optional):
+                    continue
+                raise ValueError(f"{path}: tensor {key} missing from the adapter file")
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[key].to(p.dtype))
+
+
 def load_peft_adapter(model, path):
     """Inject the adapter described by `path`/adapter_config.json into a loaded base model and load its
     tensors (PEFT names); recreates a `score` head. Every file tensor must match a model tensor by name and
@@ -424,18 +442,8 @@ def load_peft_adapter(model, path):
     if score_key in tensors:
         params[score_key] = model.score.weight
     tensors = {k.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): v for k, v in tensors.items()}
-    for key in tensors:
-        if key not in params:
-            raise ValueError(f"{path}: tensor {key} has no matching module in the model")
+    copy_adapter_tensors(params, tensors, path, optional="lora_magnitude_vector")  # m: filled in below from A, B
     with torch.no_grad():
-        for key, p in params.items():
-            if key not in tensors:
-                if key.endswith("lora_magnitude_vector"):
-                    continue  # filled in below from the loaded A and B
-                raise ValueError(f"{path}: tensor {key} missing from the adapter file")
-            if tuple(tensors[key].shape) != tuple(p.shape):
-                raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} in file, expected {tuple(p.shape)}")
-            p.copy_(tensors[key].to(p.dtype))
         for name, m in lora_layers(model):
             if m.use_dora and f"{PEFT_PREFIX}{name}.lora_magnitude_vector" not in tensors:
                 m.magnitude.copy_(m.weight_norm())

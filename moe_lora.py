@@ -491,18 +491,8 @@ def load_adapter(model, path, trash_expert=None):
         model.score = nn.Linear(D, C, bias=False, device=model.model.embed_tokens.weight.device)
     inject_adapter(model, cfg, trash_expert)
     params = adapter_tensors(model)
-    for key in tensors:
-        if key not in params:
-            raise ValueError(f"{path}: tensor {key} has no matching module in the model")
+    lora.copy_adapter_tensors(params, tensors, path, optional="magnitude")  # m: filled in below from A, B
     with torch.no_grad():
-        for key, p in params.items():
-            if key not in tensors:
-                if key.endswith("magnitude"):
-                    continue                                        # filled in below from A and B
-                raise ValueError(f"{path}: tensor {key} missing from the adapter file")
-            if tuple(tensors[key].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
-            p.copy_(tensors[key].to(p.dtype))
         for name, m in model.named_modules():                       # reference DoRA files: m = ||W0 + sBA||
             key = "mixlora." + name.removeprefix("model.") + ".magnitude"
             if isinstance(m, lora.LoRALinear) and m.use_dora and key not in tensors:

@@ -279,7 +279,7 @@ def test_shape_mismatch_names_tensor(tmp_path):
     """Loading into a model of other shapes fails with an error naming the tensor."""
     model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     save_peft_adapter(model, str(tmp_path / "a"))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight: shape"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape"):
         load_peft_adapter(tiny_llama(hidden_size=48, head_dim=8), str(tmp_path / "a"))
 
 

@@ -1,0 +1,353 @@
+"""Speed and memory benchmark: the base model, generation, loading and the adapters, side by side.
+
+One command, every method in one run, each figure the median of `--repeats` timed runs after one warm-up:
+
+    python bench.py --model PATH [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32] [--json FILE]
+
+How to read the table. First the machine's measured matmul peak (a 2048^3 matmul in the compute dtype,
+GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fraction of that peak.
+    forward               batch 4 x 256, no grad. FLOPs = 2 * (weights of every nn.Linear, LM head
+                          included even when tied) * tokens + causal attention 2 * 2 * B * H * hd * T(T+1)/2
+                          per layer (QK^T and AV, upper triangle not counted).
+    generate-cached/-uncached  greedy, batch 1, 64-token prompt, 64 new tokens (prefill included): the KV
+                          cache vs re-running the whole sequence each step (llama.generate(use_cache=False)).
+    load-float32/-bfloat16  peak resident memory while loading, measured in a fresh subprocess: the
+                          high-water mark (VmHWM) minus the RSS after `import torch, llama`, divided by the
+                          size of the weights in that dtype (target <= 1.2x: no second copy of the weights).
+    train-<method>        one training step (forward, backward, AdamW) at 4 x 256 with the adapter on all 7
+                          projections, r=16: LoRA, DoRA, MixLoRA E=8 for each router (top-2, dynamic top-p,
+                          switch). Loss = LM cross-entropy (+ router losses for MixLoRA, as train.py).
+                          GFLOP/s counts 2x the forward (forward + input gradients through the frozen base;
+                          the adapters' own FLOPs are ignored), so it is a lower bound.
+                          "/fwd" = step time / base forward time, "/LoRA" = step time / LoRA step time.
+    train-lora-answer16   the LoRA step with targets only at the last 16 tokens of each row, so the LM head
+                          runs on 64 positions instead of 1024 (llama's logits_mask); "x" = speed-up.
+    eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
+The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the timed runs,
+above what was in use when the row started (model weights excluded).
+
+Results and the machine they were measured on are in the README; the transformers comparison of issue 2
+was measured outside the project (the project never imports transformers).
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llama
+
+B, T = 4, 256                 # training / forward batch
+PROMPT, NEW = 64, 64          # generation: prompt length, new tokens
+ANSWER = 16                   # answer-only targets: the last 16 tokens of each row
+ADAPTERS = ("lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers: timing, memory, FLOPs
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device):
+    """Seconds per call: one warm-up call, then `repeats` timed calls; returns the list of times."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def proc_status_kb(key):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+class PeakMemory:
+    """High-water mark of memory in use during a `with` block, in MB above the level at its start.
+    CUDA: the allocator's max_memory_allocated. CPU: VmHWM, reset at entry by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0); None where that is not possible."""
+
+    def __init__(self, device):
+        self.device, self.mb = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.start = proc_status_kb("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        elif self.start is not None:
+            self.mb = (proc_status_kb("VmHWM") - self.start) / 1024
+
+
+def matmul_peak(device, dtype, repeats, n=2048):
+    """Measured matmul throughput in GFLOP/s: 2 n^3 / median time of an (n,n) @ (n,n) product."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, max(repeats, 5), device)) / 1e9
+
+
+def forward_flops(model, batch, seq):
+    """2 * linear weights * tokens + causal attention (QK^T and AV over the lower triangle)."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    attn = 2 * 2 * batch * cfg.num_attention_heads * cfg.head_dim * seq * (seq + 1) // 2
+    return 2 * linear * batch * seq + cfg.num_hidden_layers * attn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapters and one training step (imports of lora.py / moe_lora.py are deferred: rows skip without them)
+
+def adapter_config(method):
+    import lora
+    import moe_lora
+    all7 = list(lora.PROJECTIONS)
+    if method in ("lora", "dora"):
+        return lora.LoraConfig(r=16, lora_alpha=32, target_modules=all7, use_dora=method == "dora")
+    return moe_lora.MixLoRAConfig(r=16, lora_alpha=32, target_modules=all7, num_experts=8, top_k=2,
+                                  routing_strategy=method)
+
+
+def router_loss(aux, cfg):
+    """The router terms train.py adds for a MixLoRA adapter (0 for LoRA/DoRA)."""
+    import losses
+    aux = [a for a in aux if a is not None]
+    if not aux:
+        return 0.0
+    z = [a["router_logits"] for a in aux]                                   # L x (N,E)
+    if cfg.routing_strategy == "mixlora":
+        lb = losses.load_balancing_loss(z, None, cfg.top_k)
+    elif cfg.routing_strategy == "mixlora-dynamic":
+        lb = losses.dynamic_load_balancing_loss(z, None, cfg.top_p, cfg.temperature)
+    else:
+        lb = losses.switch_aux_loss(z, None) + cfg.router_z_loss_coef * losses.router_z_loss(z, None)
+    return cfg.router_aux_loss_coef * lb
+
+
+def train_step_fn(model, ids, answer_only):
+    """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:]."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x, y = ids[:, :-1], ids[:, 1:]                                          # (B,T) each
+    mask = None
+    if answer_only:
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, -ANSWER:] = True                                            # (B,T) M = B * ANSWER
+    targets = y.reshape(-1) if mask is None else y[mask]                    # (B*T,) or (M,)
+
+    def step():
+        out = model(x, logits_mask=mask)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])               # (B*T,V) or (M,V)
+        loss = F.cross_entropy(logits.float(), targets) + router_loss(out.aux, model.adapter_config)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rows. Each returns a dict: tok_s, ms, gflops, peak_mb, extra fields for the notes.
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.device, self.dtype = args, torch.device(args.device), llama.DTYPES[args.dtype]
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 49152, (B, T + 1), generator=g)        # (B,T+1) random tokens
+        self.prompt = torch.randint(0, 49152, (1, PROMPT), generator=g)     # (1,PROMPT)
+        self.cached = (None, None)                                          # (method, model): one at a time
+        self.peak = None
+
+    def model(self, method="base"):
+        """The base model, or a fresh one with `method`'s adapter injected (one model kept at a time)."""
+        if self.cached[0] != method:
+            self.cached = (None, None)
+            m = llama.from_pretrained(self.args.model, dtype=self.dtype, device=self.device)
+            if method != "base":
+                import moe_lora
+                moe_lora.inject_adapter(m, adapter_config(method))
+            self.cached = (method, m)
+        ids = self.ids.clamp(max=self.cached[1].config.vocab_size - 1).to(self.device)
+        return self.cached[1], ids
+
+    def run_timed(self, fn, tokens, flops=None):
+        with PeakMemory(self.device) as mem:
+            t = statistics.median(timed(fn, self.args.repeats, self.device))
+        r = {"tok_s": tokens / t, "ms": 1e3 * t, "peak_mb": mem.mb}
+        if flops:
+            r["gflops"] = flops / t / 1e9
+            r["pct_peak"] = 100 * r["gflops"] / self.peak
+        return r
+
+    def forward(self, method="base"):
+        model, ids = self.model(method)
+        model.eval()
+        x = ids[:, :-1]
+        with torch.inference_mode():
+            return self.run_timed(lambda: model(x), x.numel(), forward_flops(model, B, T))
+
+    def generate(self, use_cache):
+        model, _ = self.model()
+        p = self.prompt.clamp(max=model.config.vocab_size - 1).to(self.device)
+        r = self.run_timed(lambda: llama.generate(model, p, NEW, use_cache=use_cache), NEW)
+        r["ms_per_token"] = r["ms"] / NEW
+        return r
+
+    def train(self, method, answer_only=False):
+        model, ids = self.model(method)
+        model.train()
+        return self.run_timed(train_step_fn(model, ids, answer_only), B * T, 2 * forward_flops(model, B, T))
+
+    def load(self, dtype):
+        """Peak RSS of loading, in a fresh interpreter so nothing else is resident."""
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", self.args.model, "--load-child", dtype]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    def rows(self):
+        """(name, thunk) in run order; rows of one adapter are adjacent so its model is built once."""
+        rows = [("forward", self.forward), ("generate-cached", lambda: self.generate(True)),
+                ("generate-uncached", lambda: self.generate(False))]
+        rows += [(f"load-{d}", lambda d=d: self.load(d)) for d in ("float32", "bfloat16")]
+        for m in ADAPTERS:
+            rows.append((f"train-{m}", lambda m=m: self.train(m)))
+            if m == "lora":
+                rows.append(("train-lora-answer16", lambda: self.train("lora", answer_only=True)))
+            if m in ("lora", "mixlora"):
+                rows.append((f"eval-{m}", lambda m=m: self.forward(m)))
+        return rows
+
+
+def load_child(path, dtype):
+    """Run in the subprocess: print {peak_mb, weights_mb, ratio, ms} of from_pretrained as JSON."""
+    base = proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:                           # VmHWM := current RSS
+        f.write("5")
+    t0 = time.perf_counter()
+    model = llama.from_pretrained(path, dtype=llama.DTYPES[dtype])
+    ms = 1e3 * (time.perf_counter() - t0)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # tied counted once
+    peak = (proc_status_kb("VmHWM") - base) / 1024
+    print(json.dumps({"ms": ms, "peak_mb": peak, "weights_mb": weights, "ratio": peak / weights}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ratios and the table
+
+def add_notes(res):
+    """Fill each row's `note` with the ratios that make it readable on its own."""
+    fwd, lora = res.get("forward"), res.get("train-lora")
+    for name, r in res.items():
+        if "skipped" in r:
+            r["note"] = "skipped: " + r["skipped"]
+            continue
+        parts = []
+        if name == "generate-cached" and "generate-uncached" in res:
+            parts.append(f"{r['tok_s'] / res['generate-uncached']['tok_s']:.1f}x uncached")
+        if name.startswith("generate"):
+            parts.append(f"{r['ms_per_token']:.1f} ms/token")
+        if name.startswith("load"):
+            parts.append(f"{r['ratio']:.2f}x the {r['weights_mb']:.0f} MB of weights (target <= 1.2)")
+        if name.startswith("train") and fwd and "ms" in fwd:
+            parts.append(f"/fwd {r['ms'] / fwd['ms']:.1f}")
+        if name.startswith("train") and lora and "ms" in lora and name != "train-lora":
+            parts.append(f"/LoRA {r['ms'] / lora['ms']:.2f}")
+        if name == "train-lora-answer16" and lora and "ms" in lora:
+            parts = [f"{lora['ms'] / r['ms']:.2f}x faster than full logits"]
+        if name.startswith("eval") and fwd and "ms" in fwd:
+            parts.append(f"{r['ms'] / fwd['ms']:.2f}x base forward time")
+        r["note"] = ", ".join(parts)
+
+
+def fmt(v, spec):
+    """Format a number, or a right-aligned "-" of the same width when it is missing."""
+    return format(v, spec) if v is not None else "-".rjust(int(re.match(r"\d+", spec).group()))
+
+
+def print_table(res, header):
+    print(header)
+    print(f"{'row':22} {'tok/s':>8} {'ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'peak MB':>8}  note")
+    for name, r in res.items():
+        print(f"{name:22} {fmt(r.get('tok_s'), '8.1f')} {fmt(r.get('ms'), '9.1f')} {fmt(r.get('gflops'), '8.1f')} "
+              f"{fmt(r.get('pct_peak'), '5.0f')}{'%' if 'pct_peak' in r else ' '} "
+              f"{fmt(r.get('peak_mb'), '8.0f')}  {r.get('note', '')}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Benchmark the Llama, generation, loading and the adapters side by side.")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint folder (e.g. SmolLM2-135M)")
+    ap.add_argument("--only", default="", help="comma-separated row-name prefixes, e.g. forward,train-mixlora,load")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (after one warm-up); medians are reported")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=list(llama.DTYPES), help="weights and compute dtype")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
+    args = ap.parse_args(argv)
+    try:
+        if args.load_child:
+            return load_child(args.model, args.load_child)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available")
+        if not os.path.exists(os.path.join(args.model, "config.json")):
+            raise FileNotFoundError(f"{args.model}: no config.json (expected a Hugging Face checkpoint folder)")
+        bench = Bench(args)
+        dev = bench.device
+        peak32 = matmul_peak(dev, torch.float32, args.repeats)
+        bench.peak = peak32 if bench.dtype == torch.float32 else matmul_peak(dev, bench.dtype, args.repeats)
+        header = (f"# {args.model} | {args.device} {args.dtype} | {torch.get_num_threads()} threads | torch "
+                  f"{torch.__version__} | fp32 matmul peak {peak32:.1f} GFLOP/s"
+                  + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
+                  + f" | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")
+        only = [p for p in args.only.split(",") if p]
+        res = {}
+        for name, thunk in bench.rows():
+            if only and not any(name.startswith(p) for p in only):
+                continue
+            try:
+                res[name] = thunk()
+            except (ImportError, AttributeError, TypeError) as e:  # an adapter API not ready / changed
+                res[name] = {"skipped": f"{type(e).__name__}: {e}"}
+            except subprocess.CalledProcessError as e:
+                res[name] = {"skipped": f"load subprocess failed: {e.stderr.strip().splitlines()[-1:]}"}
+            print(f"  {name}: done", file=sys.stderr, flush=True)
+        add_notes(res)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    print_table(res, header)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"header": header, "fp32_peak_gflops": peak32, "rows": res}, f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
