@@ -328,7 +328,8 @@ class MixLoRAFFN(nn.Module):
         y = y.view(B, T, D)
         aux = {"router_logits": logits, "router_weights": weights}
         if self.quality_gate is not None:
-            s = self.quality_gate(u.to(self.quality_gate.weight.dtype)).squeeze(-1)  # (B, T) fp32 logits
+            with torch.autocast(u.device.type, enabled=False):              # the gate logit stays fp32
+                s = self.quality_gate(u.to(self.quality_gate.weight.dtype)).squeeze(-1)  # (B, T)
             g = torch.sigmoid(s).unsqueeze(-1).to(y.dtype)                  # (B, T, 1)
             y = g * y if self.trash_mode == "zero" else g * y + (1 - g) * self.trash(u)
             aux["gate_logits"] = s
@@ -356,7 +357,7 @@ class MixLoRAFFN(nn.Module):
                                                     U.split(counts), w.split(counts))):
             if len(t):
                 a = self.act(self.gate_proj(xe, e, ge)) * self.up_proj(xe, e, ue) * we[:, None]  # (n_e, I) w_e a_e
-                h.index_add_(0, t, a)
+                h.index_add_(0, t, a.to(h.dtype))                           # autocast: a may be fp32
                 if self.down_proj.experts:  # w s B A drop(a) = s B A drop(w a): a row scale passes dropout
                     d.append(self.down_proj.delta(a, e))                    # (n_e, D)
         y = F.linear(h, self.down_proj.weight)                              # (N, D) W_down sum_e w_e a_e

@@ -229,7 +229,8 @@ class Router(nn.Module):
         if self.training and self.jitter_noise > 0.0:
             eps = self.jitter_noise
             h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)  # out of place
-        logits = F.linear(h, self.weight.float())                       # (N, E)
+        with torch.autocast(h.device.type, enabled=False):              # routing stays fp32 under autocast
+            logits = F.linear(h, self.weight.float())                   # (N, E)
         if self.strategy == "mixlora":
             weights = top_k_weights(logits, self.top_k)
         elif self.strategy == "mixlora-dynamic":
