@@ -125,14 +125,14 @@ def forward_flops(model, batch, seq):
 # ----------------------------------------------------------------------------------------------------
 # Adapters and one training step (imports of lora.py / moe_lora.py are deferred: rows skip without them)
 
-def adapter_config(method):
+def adapter_config(method, dropout):
     import lora
     import moe_lora
     all7 = list(lora.PROJECTIONS)
     if method in ("lora", "dora"):
-        return lora.LoraConfig(r=16, lora_alpha=32, target_modules=all7, use_dora=method == "dora")
-    return moe_lora.MixLoRAConfig(r=16, lora_alpha=32, target_modules=all7, num_experts=8, top_k=2,
-                                  routing_strategy=method)
+        return lora.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, use_dora=method == "dora")
+    return moe_lora.MixLoRAConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, num_experts=8,
+                                  top_k=2, routing_strategy=method)
 
 
 def router_loss(aux, cfg):
@@ -190,7 +190,7 @@ class Bench:
             m = llama.from_pretrained(self.args.model, dtype=self.dtype, device=self.device)
             if method != "base":
                 import moe_lora
-                moe_lora.inject_adapter(m, adapter_config(method))
+                moe_lora.inject_adapter(m, adapter_config(method, self.args.lora_dropout))
             self.cached = (method, m)
         ids = self.ids.clamp(max=self.cached[1].config.vocab_size - 1).to(self.device)
         return self.cached[1], ids
@@ -308,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (after one warm-up); medians are reported")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=list(llama.DTYPES), help="weights and compute dtype")
+    ap.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="LoRA dropout of the adapter rows (PEFT's default 0; train.py's 0.05 adds the masks' RNG cost)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)
@@ -325,7 +327,7 @@ def main(argv=None):
         header = (f"# {args.model} | {args.device} {args.dtype} | {torch.get_num_threads()} threads | torch "
                   f"{torch.__version__} | fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
-                  + f" | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")
+                  + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")
         only = [p for p in args.only.split(",") if p]
         res = {}
         for name, thunk in bench.rows():
