@@ -11,54 +11,79 @@ moe_lora.py, its losses in losses.py.
     stage 1  warm-up: train only the quality gates and the routers (everything else frozen), on an
              existing MixLoRA adapter (--adapter-path) or fresh experts, with
              loss = CE + router_aux_loss_coef * (L_LB + quality_loss_weight * L_q)
-    stage 2  scoring, one no-grad pass:  a_{i,l} = mean over valid tokens t of s_{i,l,t}
+    stage 2  scoring, one no-grad pass:  a_{i,l} = mean over pooled tokens t of s_{i,l,t}
                                          q_i     = (1/L) sum_l sigmoid(a_{i,l})
                                          P_{i,l} = mean over valid tokens of softmax(z_{i,l,t})  (E,)
     stage 2b selection: cosine k-means (k = 26) on x_i = flatten(P_i) (L*E), then round-robin over
              the clusters by descending q until floor(N * fraction) samples are taken
 
+    pooled tokens (--quality-tokens, quality_token_mask): the tokens L_q averages over in stage 1 and a_{i,l}
+             in stage 2: `all` valid tokens (the reference) or `answer`, the positions that predict an answer
+             token. NOTE: `answer` is ours: a bad response leaves the prompt tokens as they are, so the gate
+             cannot tell them apart and per-sample labels on them are noise (see the end-to-end check below).
+
 Commands (train.py glue, flags added by add_selection_args):
 
     python train.py --model PATH --data D.json --adapter-path ADAPTER --warmup --quality-loss bce \\
-                    --out runs/warm                                   # stage 1 -> runs/warm/last
-    python train.py --model PATH --data D.json --adapter-path runs/warm/last --score scores.jsonl
+                    --quality-tokens answer --out runs/warm           # stage 1 -> runs/warm/last
+    python train.py --model PATH --data D.json --adapter-path runs/warm/last --score scores.jsonl \\
+                    --quality-tokens answer
     python train.py --data D.json --score scores.jsonl --select 0.3 --subset subset.jsonl
     python train.py --model PATH --data subset.jsonl ...              # stage 3: fine-tune on the subset
 
     --score FILE          with --model: score every record of --data, write FILE (.jsonl: one line per
-                          sample {"index", "id", "q", "label"?, "n_tokens", "gate_logit_mean" [L],
-                          "routing" [L][E]}; .safetensors: the same as tensors, ids in the metadata).
+                          sample {"index", "id", "q", "quality_tokens", "label"?, "n_tokens" (pooled),
+                          "gate_logit_mean" [L], "routing" [L][E]}; .safetensors: the same as tensors,
+                          ids and quality_tokens in the metadata).
                           Without --model: the scores file that --select reads.
     --select FRACTION     choose floor(N * FRACTION) samples (0 < FRACTION <= 1); the reference uses
                           0.0125 (stage_2_selection.yaml) or 0.05 (continue_selection.yaml)
     --subset FILE         where the subset goes (default <out>/selected.jsonl); the records are the
                           input's, unchanged, in file order; a summary goes to FILE.summary.json
+    --quality-tokens all|answer  positions L_q and q pool over (default all, the reference's)
     --num-clusters 26, --kmeans-iters 300, --selection-seed 42: the reference's defaults
 
-End-to-end check (SmolLM2-135M, one H100, fp32): 400 alpaca records, 200 of them with the output of
-another record ("quality": 0), made by `python selection.py --make-mix mix.jsonl --rest rest.jsonl --n 400`;
-a MixLoRA adapter trained 1 epoch on the 599 other (clean) records (39 s); per loss a warm-up
-(--warmup --adapter-path base --quality-loss L --quality-loss-weight W --lr LR), then --score --select 0.3.
-ROC AUC of q for clean vs corrupted, scored on the same 400 records:
+End-to-end check (SmolLM2-135M, CPU, 1 thread per run, fp32, --max-len 128, fresh experts, no base
+adapter): mix A = 200 alpaca records, 100 of them given the output of another record ("quality": 0);
+mix B = 200 other records corrupted the same way (held out: no record of A), made by
+    python selection.py --make-mix mixA.jsonl --rest restA.jsonl --n 200
+    python selection.py --make-mix mixB.jsonl --rest restB.jsonl --n 200 --source restA.jsonl
+warm-up on A, batch 16, W 10000 (coef 0.001), lr 5e-3:
+    python train.py --model M --max-len 128 --threads 1 --dtype float32 --data mixA.jsonl --eval-data mixB.jsonl \\
+        --max-eval 16 --no-eval-before --warmup --quality-loss L --quality-loss-weight 10000 \\
+        --quality-tokens T --lr 5e-3 --epochs 2 --batch-size 16 --out w          # 25 steps, ~630 s
+    python train.py --model M --max-len 128 --threads 1 --data mixA.jsonl --adapter-path w/last \\
+        --score sA.jsonl --quality-tokens T                                      # ~80 s for 200
+and the same --score on mixB.jsonl. ROC AUC of q, clean vs corrupted:
 
-    loss                           lr 1e-3, 48 steps   lr 1e-2, 95 steps   lr 3e-3, 95 steps
-                                   W 1000 (coef 1)     W 1000 (coef 1)     W 10000 (coef 10)
-    bce (labels)                   0.549               0.656               0.752
-    sigmoid                        0.520               0.519               -
-    mse                            0.520               0.518               -
-    beta_moment_matching           0.526               0.521               -
-    mean_variance_regularization   0.526               0.521               -
+    loss, pooled tokens            steps   A (200, in-sample)   B (200, held out)   A[:100]
+    bce, all (the reference)       25      0.809                0.667               0.829
+    bce, answer                    25      0.887                0.769               0.900
+    bce, answer, +1 epoch (*)      38      0.934                0.834               0.945
+    sigmoid, answer                3       -                    -                   0.419
+    mse, answer                    3       -                    -                   0.427
+    beta_moment_matching, answer   3       -                    -                   0.389
+    mean_variance_regularization   3       -                    -                   0.389 (= the row above)
+    (*) --warmup --adapter-path w/last --epochs 1 --seed 43 on top of the 25-step bce/answer run
+        (fresh AdamW state); ~310 s.
 
-On 400 records bce falls short of the 0.9 the issue asks for (best single layer 0.83). On the CPU
-(1 thread, fp32), 96 records (48 corrupted, --make-mix --n 96), --max-len 128, fresh experts, bce,
-W 10000, lr 2e-3, 6 epochs (36 steps, 806 s), scoring 41 s: AUC 0.905. The unsupervised losses know
-nothing of the corruption and sit at chance. With a near-zero spread of g the two moment losses have
-the same gradient (w_var * 2 * beta_target_var = lambda_var = 0.1), hence their equal rows.
+Pooling over the answer positions beats the reference's all-token pooling at equal cost (+0.08 in
+sample, +0.10 held out); with 38 steps bce reaches 0.93 in sample but generalises less to unseen
+records (0.834). The unsupervised losses (3 steps only, for lack of time, so their gates are still
+close to their random init N(0, 0.02); scored on the first 100 records of A, 52 corrupted) know
+nothing of the corruption: their AUC is chance or below and says nothing about the loss itself.
+Earlier run with `all` pooling (SmolLM2-135M, one H100, fp32; 400 records, 200 corrupted; a MixLoRA
+adapter trained 1 epoch on the 599 other records first; scored in sample): bce 0.549 (lr 1e-3, 48
+steps, W 1000), 0.656 (lr 1e-2, 95 steps, W 1000), 0.752 (lr 3e-3, 95 steps, W 10000); sigmoid, mse,
+beta_moment_matching, mean_variance_regularization 0.52-0.53 (lr 1e-3 and 1e-2); on the CPU, 96
+records, fresh experts, bce, W 10000, lr 2e-3, 36 steps, in sample: 0.905. With a near-zero
+spread of g the two moment losses have the same gradient (w_var * 2 * beta_target_var = lambda_var).
 `python selection.py --auc SCORES` recomputes the AUC from a scores file.
 
-Checked by test_selection.py: q equals a hand recomputation from the gate logits, k-means recovers
-separable clusters, round-robin order and rounding, the subset holds the exact records, AUC on a
-hand-worked case, the error paths. Shape legend: N samples, B batch, T time, L layers, E experts.
+Checked by test_selection.py: q equals a hand recomputation from the gate logits (over all valid
+tokens; with --quality-tokens answer over exactly the answer positions, prompt gate logits and padding
+changing nothing), k-means recovers separable clusters, round-robin order and rounding, the subset
+holds the exact records, AUC on a hand-worked case, the error paths. Shape legend: N samples, B batch, T time, L layers, E experts.
 """
 
 import argparse
@@ -78,6 +103,7 @@ from safetensors.torch import load_file, save_file
 import data
 
 FRACTION_ERROR = "--select: the fraction must be in (0, 1], got {}"
+QUALITY_TOKENS = ("all", "answer")                                     # see quality_token_mask
 
 # ----------------------------------------------------------------------------------------------------
 # Small pure functions: ROC AUC, the selection count, round-robin
@@ -107,6 +133,27 @@ def roc_auc(scores, labels):
         ranks[order[i:j]] = (i + 1 + j) / 2   # mean of ranks i+1 .. j
         i = j
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def quality_token_mask(batch, tokens="all"):
+    """(B, T) bool: the positions the quality gate's loss (warm-up) and score q pool over.
+
+    "all"    every token of the attention mask (prompt, answer, EOS; not padding): the reference's
+    "answer" the positions that predict a target token (targets != IGNORE, data.collate), i.e. where
+             train.py computes the LM loss: the last prompt token and the answer tokens but the last
+             (the whole text with --train-on-prompt or for plain 'text' records)
+    NOTE: "answer" departs from the reference. When a record is bad because of its response (the
+    end-to-end check's shuffled outputs), its prompt tokens are exactly those of a good record (causal
+    attention: they never see the answer), so a gate trained on them with per-sample labels learns
+    label noise, and a score averaged over them is diluted by tokens that carry no signal.
+    """
+    if tokens not in QUALITY_TOKENS:
+        raise ValueError(f"--quality-tokens: expected one of {', '.join(QUALITY_TOKENS)}, got {tokens!r}")
+    if tokens == "all":
+        return batch["attention_mask"].bool()                          # (B, T)
+    if "targets" not in batch:
+        raise ValueError("--quality-tokens answer needs the batch's targets (data.collate of data.encode output)")
+    return batch["targets"] != data.IGNORE                             # (B, T)
 
 
 def selection_count(n, fraction):
@@ -227,16 +274,20 @@ def attach_quality(examples, path):
 
 
 @torch.no_grad()
-def score_dataset(model, batches, device="cpu", ctx=None, total=None, progress=True):
+def score_dataset(model, batches, device="cpu", ctx=None, total=None, progress=True, tokens="all"):
     """One no-grad pass; per sample (in batch order) returns {"q": (N,), "gate_logit_mean": (N, L),
     "routing": (N, L, E), "n_tokens": (N,)} as float32 CPU tensors.
 
-    batches: collated dicts with "input_ids" and "attention_mask" (B, T), right-padded (data.collate).
-    Valid tokens are those of the attention mask: prompt, answer, EOS (and BOS where the tokenizer adds
-    one); padding is excluded. This is the reference's choice (select_moe.md P3) and the tokens the
-    quality loss trains the gate on (train.py masks the same way), so the score measures what the
-    warm-up taught. q_i = mean_l sigmoid(mean_t s_{i,l,t}) (the sigmoid of the MEAN logit, the
-    reference's score, not the mean sigmoid, P6); routing = mean_t softmax(z_{i,l,t}) over all E.
+    batches: collated dicts with "input_ids", "attention_mask" (B, T), right-padded, and for
+    tokens="answer" "targets" (data.collate). q is pooled over quality_token_mask(batch, tokens):
+    with "all" (the reference's choice, select_moe.md P3) every token of the attention mask, prompt,
+    answer, EOS (and BOS where the tokenizer adds one); with "answer" only the positions that predict a
+    target token. Padding is excluded either way. Warm up and score with the same `tokens` (train.py
+    --quality-tokens), so the score measures what the warm-up taught; n_tokens counts those positions
+    (a sample with none gets a = 0, q = 0.5). q_i = mean_l sigmoid(mean_t s_{i,l,t}) (the sigmoid of
+    the MEAN logit, the reference's score, not the mean sigmoid, P6); routing = mean_t softmax(z_{i,l,t})
+    over all E and over ALL valid tokens whatever `tokens` is: the clusters group samples by what they
+    are (the prompt says much of that), as in the reference.
     NOTE: the text is the training template (data.encode), not the reference's "role: content" (P5).
     """
     if not any(getattr(m, "quality_gate", None) is not None for m in ffn_layers(model)):
@@ -250,18 +301,20 @@ def score_dataset(model, batches, device="cpu", ctx=None, total=None, progress=T
         ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         m = am.float()                                                 # (B, T) 1 = valid token
         n = m.sum(1).clamp(min=1)                                      # (B,)
+        mq = quality_token_mask(batch, tokens).to(device).float()      # (B, T) 1 = token q pools over
+        nq = mq.sum(1)                                                 # (B,)
         with ctx or nullcontext():
             res = model(ids, attention_mask=am, logits_mask=torch.zeros_like(am, dtype=torch.bool))
         aux = [a for a in res.aux if a and "gate_logits" in a]
         s = torch.stack([a["gate_logits"].float() for a in aux], 1)    # (B, L, T)
-        a_mean = (s * m[:, None]).sum(-1) / n[:, None]                 # (B, L) mean logit over valid t
+        a_mean = (s * mq[:, None]).sum(-1) / nq.clamp(min=1)[:, None]  # (B, L) mean logit over pooled t
         B, T = m.shape
         p = torch.stack([a["router_logits"].float().softmax(-1).view(B, T, -1) for a in aux], 1)  # (B, L, T, E)
         routing = (p * m[:, None, :, None]).sum(2) / n[:, None, None]  # (B, L, E)
         out["q"].append(torch.sigmoid(a_mean).mean(1).cpu())           # (B,)
         out["gate_logit_mean"].append(a_mean.cpu())
         out["routing"].append(routing.cpu())
-        out["n_tokens"].append(m.sum(1).cpu())
+        out["n_tokens"].append(nq.cpu())
         done += B
         if progress and (time.time() - shown > 0.5 or done == total):
             shown = time.time()
@@ -287,9 +340,11 @@ def record_ids(records):
     return [str(r["id"]) if "id" in r else str(i) for i, (_, r) in enumerate(records)]
 
 
-def write_scores(path, scores, ids, labels=None):
+def write_scores(path, scores, ids, labels=None, tokens="all"):
     """Write scores (score_dataset's dict, samples in file order) next to the sample ids, atomically:
-    JSONL one object a line, or safetensors (tensors + ids in the metadata) by the file extension."""
+    JSONL one object a line, or safetensors (tensors + ids in the metadata) by the file extension.
+    `tokens` (which positions q was pooled over, --quality-tokens) goes on every JSONL line and into
+    the safetensors metadata, so a scores file says how it was made."""
     N = len(ids)
     labels = labels if labels is not None else [None] * N
     tmp = path + ".tmp"
@@ -297,11 +352,12 @@ def write_scores(path, scores, ids, labels=None):
         tensors = {k: v.contiguous() for k, v in scores.items()}
         tensors["index"] = torch.arange(N)
         tensors["label"] = torch.tensor([float("nan") if v is None else v for v in labels])  # NaN: none
-        save_file(tensors, tmp, metadata={"ids": json.dumps(ids), "format": "pt"})
+        save_file(tensors, tmp, metadata={"ids": json.dumps(ids), "format": "pt",
+                                                       "quality_tokens": tokens})
     else:
         with open(tmp, "w") as f:
             for i in range(N):
-                row = {"index": i, "id": ids[i], "q": float(scores["q"][i])}
+                row = {"index": i, "id": ids[i], "q": float(scores["q"][i]), "quality_tokens": tokens}
                 if labels[i] is not None:
                     row["label"] = labels[i]
                 row.update(n_tokens=int(scores["n_tokens"][i]), gate_logit_mean=scores["gate_logit_mean"][i].tolist(),
@@ -313,15 +369,15 @@ def write_scores(path, scores, ids, labels=None):
 
 def read_scores(path):
     """Inverse of write_scores: {"ids": [str], "q": (N,), "routing": (N, L, E), "label": (N,) NaN = none,
-    ...}, samples in file order."""
+    "quality_tokens": str ("all" for files written before the option existed), ...}, in file order."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: scores file does not exist (write it with --score first)")
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
-            ids = json.loads(f.metadata()["ids"])
+            meta = f.metadata()
         out = load_file(path)
-        out["ids"] = ids
+        out["ids"], out["quality_tokens"] = json.loads(meta["ids"]), meta.get("quality_tokens", "all")
     else:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -330,7 +386,8 @@ def read_scores(path):
         rows.sort(key=lambda r: r["index"])
         out = {"ids": [r["id"] for r in rows], "index": torch.tensor([r["index"] for r in rows]),
                "q": torch.tensor([r["q"] for r in rows]), "routing": torch.tensor([r["routing"] for r in rows]),
-               "label": torch.tensor([r.get("label", float("nan")) for r in rows], dtype=torch.float32)}
+               "label": torch.tensor([r.get("label", float("nan")) for r in rows], dtype=torch.float32),
+               "quality_tokens": rows[0].get("quality_tokens", "all")}
     if not torch.equal(out["index"], torch.arange(len(out["ids"]))):
         raise ValueError(f"{path}: sample indices are not 0..N-1; score the whole data file")
     return out
@@ -377,6 +434,9 @@ def add_selection_args(parser):
     a("--num-clusters", type=int, default=26, help="k of the cosine k-means on routing features (reference: 26)")
     a("--kmeans-iters", type=int, default=300, help="maximum k-means iterations (reference: 300)")
     a("--selection-seed", type=int, default=42, help="seed of the k-means++ initialisation (reference: 42)")
+    a("--quality-tokens", default="all", choices=QUALITY_TOKENS, help="positions the quality loss (--warmup) and "
+      "the score q (--score) pool over: all valid tokens (reference) or answer, those that predict a target token; "
+      "warm up and score with the same choice")
     return parser
 
 
@@ -396,16 +456,21 @@ def run_selection(args, model=None, tok=None, device="cpu", ctx=None, log=print)
     records, result = load_records(args), {}
     labels = [r.get("quality") for _, r in records]
     if model is not None:
-        items = [data.encode(tok, data.record_to_example(r, where, tok, "score"), args.max_len) for where, r in records]
+        # targets as the warm-up's (answer tokens, or all with --train-on-prompt) for --quality-tokens answer
+        on_prompt = getattr(args, "train_on_prompt", False)
+        items = [data.encode(tok, data.record_to_example(r, where, tok, "score"), args.max_len, on_prompt)
+                 for where, r in records]
         order = sorted(range(len(items)), key=lambda i: -len(items[i]["ids"]))  # longest first, as the reference
         bs = args.eval_batch_size
         batches = (data.collate([items[i] for i in order[j:j + bs]], tok.pad_id) for j in range(0, len(order), bs))
         t0 = time.time()
-        s = score_dataset(model, batches, device, ctx, total=len(items))
+        s = score_dataset(model, batches, device, ctx, total=len(items), tokens=args.quality_tokens)
         inv = torch.argsort(torch.tensor(order))                       # back to file order
         s = {k: v[inv] for k, v in s.items()}
-        write_scores(args.score, s, record_ids(records), labels)
-        log(f"scored {len(items)} samples in {time.time() - t0:.0f}s -> {args.score}: q mean {s['q'].mean():.4f} "
+        write_scores(args.score, s, record_ids(records), labels, args.quality_tokens)
+        if (s["n_tokens"] == 0).any():
+            log(f"warning: {int((s['n_tokens'] == 0).sum())} samples have no {args.quality_tokens} tokens; their q is 0.5")
+        log(f"scored {len(items)} samples over {args.quality_tokens} tokens in {time.time() - t0:.0f}s -> {args.score}: q mean {s['q'].mean():.4f} "
             f"std {s['q'].std():.4f} min {s['q'].min():.4f} max {s['q'].max():.4f}")
         result["scores"] = args.score
     sc = read_scores(args.score)
@@ -424,7 +489,8 @@ def run_selection(args, model=None, tok=None, device="cpu", ctx=None, log=print)
         write_subset(path, records, chosen)
         sizes = torch.bincount(clusters).tolist()
         taken = torch.bincount(clusters[chosen], minlength=len(sizes)).tolist()
-        summary = {"data": args.data, "scores": args.score, "fraction": args.select, "n": len(records),
+        summary = {"data": args.data, "scores": args.score, "quality_tokens": sc["quality_tokens"],
+                   "fraction": args.select, "n": len(records),
                    "selected": len(chosen), "clusters": len(sizes), "cluster_sizes": sizes, "cluster_taken": taken,
                    "q_mean_all": float(sc["q"].mean()), "q_mean_selected": float(sc["q"][chosen].mean()),
                    "selected_ids": [sc["ids"][i] for i in chosen]}

@@ -1,21 +1,53 @@
-"""moe-lora tests: plain pytest functions, tiny random checkpoints written in the Hugging Face layout,
-plus the real SmolLM2-135M checkpoint when MOE_LORA_CHECKPOINT names its folder (.ci/run builds it).
+"""moe-lora tests: plain pytest functions with a one-line docstring stating the invariant.
+
+Tiny random checkpoints are written in the Hugging Face layout by the tests themselves; the tests on the
+real SmolLM2-135M-Instruct checkpoint run when MOE_LORA_CHECKPOINT names its folder (.ci/run builds it
+with ../shared/tools/smollm2_checkpoint.py) and are skipped with that reason otherwise. Optional oracles
+(transformers, peft, the `mixlora` package) run only where they are importable.
 
 Run: python -m pytest -q test_all.py
-"""
-# ----------------------------------------------------------------------------------------------------
-# llama.py: tiny checkpoints written in the Hugging Face layout, the golden file, bad input
 
+Sections: llama.py | routers.py and losses.py | lora.py | moe_lora.py | data.py and train.py | selection.py
+"""
+
+import argparse
+import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.testing import assert_close
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+import data
 import llama
+import lora
+import losses
+import routers
+import selection
+import train
+from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, load_peft_adapter, lora_layers,
+    lora_plus_param_groups, mark_trainable, merge_adapters, save_merged, save_peft_adapter,
+    unmerge_adapters)
+from losses import (classification_loss, dynamic_load_balancing_loss, lm_loss, load_balancing_loss, quality_loss,
+    router_z_loss, switch_aux_loss, total_loss)
+from moe_lora import (ExpertProjection, MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
+    router_stats, save_adapter, set_fast_path)
+from routers import Router, expert_capacity, switch_weights, top_k_weights, top_p_weights, STRATEGIES
+
+
+# ----------------------------------------------------------------------------------------------------
+# llama.py: HF checkpoints, golden parity, padding, KV cache, bad input
+
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "..", "shared", "golden", "smollm2-135m-instruct.json")
@@ -301,3 +333,1696 @@ def test_cli_generates(tmp_path):
     write_tiny_checkpoint(tmp_path)
     r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), "--model", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "4"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("the cat") and len(r.stdout.split()) > 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# routers.py and losses.py: hand-worked routing and loss values
+
+LN3, LN4 = math.log(3.0), math.log(4.0)
+# The 3-token, 2-expert case used by every router loss: softmax rows are exactly
+#   t0 [0.75, 0.25]   t1 [0.25, 0.75]   t2 [0.8, 0.2]
+Z3 = torch.tensor([[LN3, 0.0], [0.0, LN3], [LN4, 0.0]])
+# Padding rows with garbage logits, masked out.
+Z3_PADDED = torch.cat([Z3, torch.tensor([[50.0, -50.0], [-7.0, 30.0]])])
+MASK_PADDED = torch.tensor([True, True, True, False, False])
+
+
+def scalar(x):
+    return torch.tensor(float(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Router losses
+
+
+def test_load_balancing_hand_worked_top1_and_top2():
+    """Top-1 LB on 3 tokens x 2 experts equals E*sum f P by hand; top-2 of 2 experts gives exactly k=2."""
+    # top-1 picks e0, e1, e0: f = [2/3, 1/3]; P = [(.75+.25+.8)/3, (.25+.75+.2)/3] = [.6, .4]
+    expected = 2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)                  # = 1.0666...
+    assert_close(load_balancing_loss([Z3], None, top_k=1), scalar(expected))
+    # top-2 with E = 2 selects both experts for every token: f = [1, 1], 2 * (.6 + .4) = 2
+    assert_close(load_balancing_loss([Z3], None, top_k=2), scalar(2.0))
+
+
+def test_load_balancing_uniform_gives_k():
+    """Uniform routing gives k for top-k LB (so k*coef after the coefficient), for several E and k."""
+    for e, k in [(4, 2), (8, 2), (8, 1), (6, 3)]:
+        z = torch.zeros(10, e)
+        val = load_balancing_loss([z, z, z], torch.ones(10, dtype=torch.bool), k)
+        assert_close(val, scalar(k))
+        assert_close(losses.ROUTER_AUX_LOSS_COEF * val, scalar(k * 0.001))
+
+
+def test_router_losses_ignore_masked_padding():
+    """Appending padding rows with garbage logits and masking them leaves every router loss unchanged."""
+    for fn, kw in [(load_balancing_loss, {"top_k": 1}), (load_balancing_loss, {"top_k": 2}),
+                   (dynamic_load_balancing_loss, {"top_p": 0.78}), (switch_aux_loss, {}),
+                   (router_z_loss, {})]:
+        assert_close(fn([Z3_PADDED, Z3_PADDED], MASK_PADDED, **kw), fn([Z3, Z3], None, **kw))
+
+
+def test_load_balancing_concatenates_layers():
+    """Layers are pooled (concatenated) as in the reference, not averaged loss by loss."""
+    a = torch.tensor([[LN3, 0.0]] * 3)                          # every token -> e0, p = [.75, .25]
+    b = torch.tensor([[0.0, LN3]] * 3)                          # every token -> e1, p = [.25, .75]
+    # pooled: f = [.5, .5], P = [.5, .5] -> 2 * (.25 + .25) = 1.0 ; per-layer mean would be 2*.75 = 1.5
+    assert_close(load_balancing_loss([a, b], None, top_k=1), scalar(1.0))
+    assert_close(switch_aux_loss([a, b]), scalar(1.0))
+
+
+def test_dynamic_load_balancing_hand_worked():
+    """Top-p LB: top_p=.78 keeps {e0,e1},{e0,e1},{e0}; temperature divides probabilities before the cut."""
+    # f = [3/3, 2/3]; P = [.6, .4] -> 2 * (1*.6 + 2/3*.4) = 1.7333...
+    assert_close(dynamic_load_balancing_loss([Z3], None, top_p=0.78), scalar(2 * (0.6 + 2 / 3 * 0.4)))
+    # top_p = .7: every token keeps only its largest expert -> same as top-1
+    assert_close(dynamic_load_balancing_loss([Z3], None, top_p=0.7), scalar(2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)))
+    # temperature 2: q = p/2 sums to .5, never exceeds .78 -> all kept, f = [1, 1], P untempered: 2
+    assert_close(dynamic_load_balancing_loss([Z3], None, top_p=0.78, temperature=2.0), scalar(2.0))
+    # uniform over 4 experts with top_p .8 keeps all 4 -> the value is the mean experts per token, 4
+    assert_close(dynamic_load_balancing_loss([torch.zeros(5, 4)], None, top_p=0.8), scalar(4.0))
+
+
+def test_switch_aux_and_z_loss_hand_worked():
+    """Switch aux = E*sum f P with argmax f; z-loss = mean logsumexp^2 = (2 ln^2 4 + ln^2 5)/3."""
+    assert_close(switch_aux_loss([Z3]), scalar(2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)))
+    # logsumexp: [ln3, 0] -> ln(3+1) = ln4; [0, ln3] -> ln4; [ln4, 0] -> ln5
+    expected = (2 * math.log(4.0) ** 2 + math.log(5.0) ** 2) / 3
+    assert_close(router_z_loss([Z3]), scalar(expected))
+    assert_close(switch_aux_loss([torch.zeros(6, 4)]), scalar(1.0))     # uniform -> 1
+
+
+def test_router_losses_have_gradients_and_errors():
+    """Router losses are differentiable in the logits; a bad top_k or mask length is a ValueError."""
+    z = Z3.clone().requires_grad_(True)
+    (load_balancing_loss([z], None, 1) + router_z_loss([z]) + dynamic_load_balancing_loss([z])).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="top_k"):
+        load_balancing_loss([Z3], None, top_k=3)
+    with pytest.raises(ValueError, match="token_mask"):
+        load_balancing_loss([Z3], torch.ones(4, dtype=torch.bool), top_k=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routers: pure rules
+
+
+def test_top_k_weights_rows_sum_to_one():
+    """Top-k weights: (N, E), exactly k non-zeros per row at the k largest logits, rows sum to 1."""
+    torch.manual_seed(0)
+    z = torch.randn(7, 5)
+    w = top_k_weights(z, 2)
+    assert w.shape == (7, 5) and w.dtype == torch.float32
+    assert ((w > 0).sum(-1) == 2).all()
+    assert_close(w.sum(-1), torch.ones(7))
+    assert (w.topk(2).indices.sort().values == z.topk(2).indices.sort().values).all()
+    # by hand: p = [.75, .25] and top-1 -> [1, 0]
+    assert_close(top_k_weights(Z3[:1], 1), torch.tensor([[1.0, 0.0]]))
+
+
+def test_top_p_includes_crossing_expert():
+    """Top-p keeps the smallest prefix whose cumsum exceeds top_p (crossing expert in), >= 1 expert, raw p."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02], [0.25, 0.25, 0.25, 0.25]])
+    z = p.log()
+    w = top_p_weights(z, 0.8)
+    # row 0: .5, .8 (not > .8), .95 > .8 -> 3 experts kept, the crossing one (0.15) included
+    assert_close(w[0], torch.tensor([0.5, 0.3, 0.15, 0.0]))
+    # row 1: .9 > .8 at once -> only the top expert, weight .9 (no renormalisation)
+    assert_close(w[1], torch.tensor([0.0, 0.9, 0.0, 0.0]))
+    # row 2: uniform -> .25 .5 .75 1.0 -> all four kept
+    assert_close(w[2], p[2])
+    # top_p = 1.0 keeps everything; a tiny top_p keeps exactly one
+    assert ((top_p_weights(z, 1.0) > 0).sum(-1) == 4).all()
+    assert ((top_p_weights(z, 1e-6) > 0).sum(-1) == 1).all()
+    # temperature divides the probabilities (reference): T = 2 -> q = p/2, cumsum .25 .4 .475 .5 -> all kept
+    assert_close(top_p_weights(z[:1], 0.8, temperature=2.0), p[:1] / 2)
+
+
+def test_switch_capacity_drops_exactly_the_overflow():
+    """Capacity: first come first served in token order; tokens past capacity get all-zero rows."""
+    # 6 tokens, 2 experts; argmax: e0 e0 e1 e0 e0 e1 ; probabilities p_max = .75 or .8
+    z = torch.tensor([[LN3, 0], [LN4, 0], [0, LN3], [LN3, 0], [LN4, 0], [0, LN4]])
+    mask = torch.ones(6, dtype=torch.bool)
+    assert expert_capacity(6, 2, 1.0) == 3 and expert_capacity(6, 2, 0.5) == 2
+    assert expert_capacity(10, 1, 1.1) == 11                    # no float-error ceil to 12
+    w = switch_weights(z, mask, capacity=2)
+    expected = torch.tensor([[0.75, 0], [0.8, 0], [0, 0.75], [0, 0], [0, 0], [0, 0.8]])
+    assert_close(w, expected)                                    # tokens 3, 4 overflow e0
+    # per-sequence capacity (reference option): groups of 3 tokens, capacity 1 each
+    w = switch_weights(z, mask, capacity=1, group_size=3)
+    expected = torch.tensor([[0.75, 0], [0, 0], [0, 0.75], [0.75, 0], [0, 0], [0, 0.8]])
+    assert_close(w, expected)
+
+
+def test_switch_padding_consumes_no_capacity():
+    """Padding tokens are not routed and do not take capacity from the real tokens after them."""
+    z = torch.tensor([[LN3, 0], [LN3, 0], [LN4, 0], [LN3, 0]])  # all argmax e0
+    mask = torch.tensor([False, True, False, True])
+    w = switch_weights(z, mask, capacity=2)
+    assert_close(w, torch.tensor([[0, 0], [0.75, 0], [0, 0], [0.75, 0]]))
+    # the Router's default capacity counts only real tokens: ceil(1.0 * 2 / 2) = 1 -> token 3 overflows
+    r = Router(2, 2, "mixlora-switch")
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(2))                             # logits = x
+    _, w = r(z, mask)
+    assert_close(w, torch.tensor([[0, 0], [0.75, 0], [0, 0], [0, 0]]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routers: the module
+
+
+def test_router_shapes_dtypes_and_init():
+    """Router returns fp32 (N, E) logits and weights for (N, D) or (B, T, D) input, bf16 included."""
+    torch.manual_seed(0)
+    r = Router(16, 8, "mixlora", top_k=2, init_range=0.02)
+    assert r.weight.shape == (8, 16) and abs(r.weight.std().item() - 0.02) < 0.01
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    logits, w = r(x, torch.ones(2, 5, dtype=torch.bool))
+    assert logits.shape == (10, 8) and w.shape == (10, 8)
+    assert logits.dtype == torch.float32 and w.dtype == torch.float32
+    assert_close(w.sum(-1), torch.ones(10))
+    assert_close(logits, x.reshape(10, 16).float() @ r.weight.T)
+
+
+def test_switch_router_works_at_eval():
+    """Switch routing in eval mode routes tokens (not identity, not all zero) and equals training w/o jitter."""
+    torch.manual_seed(0)
+    r = Router(8, 4, "mixlora-switch", capacity_factor=2.0, init_range=1.0, jitter_noise=0.01).eval()
+    x = torch.randn(12, 8)
+    logits, w = r(x)
+    assert w.abs().sum() > 0 and ((w > 0).sum(-1) <= 1).all()
+    p = logits.softmax(-1)
+    routed = w.sum(-1) > 0
+    assert_close(w.sum(-1)[routed], p.max(-1).values[routed])    # routed tokens weighted by p_max
+    r.jitter_noise = 0.0
+    assert_close(r.train()(x)[1], w)
+
+
+def test_jitter_only_in_training_and_out_of_place():
+    """Jitter changes the logits in training only, and never modifies the caller's input tensor."""
+    torch.manual_seed(0)
+    r = Router(8, 4, "mixlora", jitter_noise=0.1, init_range=0.5)
+    x = torch.randn(6, 8)
+    x0 = x.clone()
+    clean = x @ r.weight.T
+    train_logits, _ = r.train()(x)
+    assert_close(x, x0, rtol=0, atol=0)                          # input untouched
+    assert not torch.allclose(train_logits, clean)
+    eval_logits, _ = r.eval()(x)
+    assert_close(eval_logits, clean)
+
+
+def test_router_gradients_reach_weight():
+    """Every strategy's weights carry gradient back to the router weight."""
+    torch.manual_seed(0)
+    for strategy in routers.STRATEGIES:
+        r = Router(8, 4, strategy, top_k=2, init_range=0.5)
+        _, w = r(torch.randn(6, 8))
+        (w * torch.arange(4.0)).sum().backward()
+        assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0, strategy
+
+
+def test_single_expert_routes_everything_with_weight_one():
+    """E = 1 (k = 1): every strategy gives every real token weight 1 on the only expert."""
+    x = torch.randn(2, 3, 4)
+    for strategy in routers.STRATEGIES:
+        _, w = Router(4, 1, strategy, top_k=1)(x)
+        assert_close(w, torch.ones(6, 1))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=4, strategy="mixlora", top_k=5), "top_k"),
+    (dict(num_experts=4, strategy="mixlora", top_k=0), "top_k"),
+    (dict(num_experts=4, strategy="mixlora-dynamic", top_p=0.0), "top_p"),
+    (dict(num_experts=4, strategy="mixlora-dynamic", top_p=1.5), "top_p"),
+    (dict(num_experts=4, strategy="mixlora-switch", capacity_factor=0.0), "capacity_factor"),
+    (dict(num_experts=4, strategy="mixlora-switch", expert_capacity=0), "expert_capacity"),
+    (dict(num_experts=0, strategy="mixlora"), "num_experts"),
+    (dict(num_experts=4, strategy="top3"), "routing_strategy"),
+    (dict(num_experts=4, strategy="mixlora-dynamic", temperature=-1.0), "temperature"),
+])
+def test_bad_router_config_is_one_line_value_error(kwargs, match):
+    """Each bad router setting raises a one-line ValueError naming the setting."""
+    with pytest.raises(ValueError, match=match) as err:
+        Router(8, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quality losses. Layer 1 gates on a 2 x 3 batch, mask [[1,1,0],[1,0,0]]:
+#   g = sigmoid([[0, ln3, *], [-ln3, *, *]]) = [[.5, .75, *], [.25, *, *]]   (* = masked garbage)
+# Layer 2: all logits 0 -> g = .5 everywhere.
+
+QMASK = torch.tensor([[True, True, False], [True, False, False]])
+S1 = torch.tensor([[0.0, LN3, 9.0], [-LN3, 7.0, -7.0]])
+S2 = torch.zeros(2, 3)
+
+
+def test_quality_sigmoid_and_mse_hand_worked():
+    """sigmoid/mse token-wise and sample-wise values by hand, averaged over two layers."""
+    tok = (0.5 + 0.75 + 0.25) / 3                                # .5
+    smp = ((0.5 + 0.75) / 2 + 0.25) / 2                          # .4375
+    assert_close(quality_loss([S1], QMASK, "sigmoid"), scalar(tok))
+    assert_close(quality_loss([S1], QMASK, "sigmoid", sample_wise=True), scalar(smp))
+    assert_close(quality_loss([S1, S2], QMASK, "sigmoid", sample_wise=True), scalar((smp + 0.5) / 2))
+    tok2 = (0.25 + 0.5625 + 0.0625) / 3
+    smp2 = ((0.25 + 0.5625) / 2 + 0.0625) / 2
+    assert_close(quality_loss([S1, S2], QMASK, "mse"), scalar((tok2 + 0.25) / 2))
+    assert_close(quality_loss([S1], QMASK, "mse", sample_wise=True), scalar(smp2))
+
+
+def test_quality_bce_hand_worked():
+    """bce: labels [1, 0] broadcast over tokens; -log g for y=1 and -log(1-g) for y=0."""
+    y = torch.tensor([1.0, 0.0])
+    a, b, c = -math.log(0.5), -math.log(0.75), -math.log(1 - 0.25)   # the 3 valid tokens
+    assert_close(quality_loss([S1], QMASK, "bce", labels=y), scalar((a + b + c) / 3))
+    assert_close(quality_loss([S1], QMASK, "bce", sample_wise=True, labels=y),
+                 scalar(((a + b) / 2 + c) / 2))
+
+
+def test_quality_moment_losses_hand_worked():
+    """Moment losses: token-wise pools the valid tokens, sample-wise pools the per-sample mean gates."""
+    # token pool [.5, .75, .25]: mu = .5, unbiased v = (0 + .0625 + .0625) / 2 = .0625
+    assert_close(quality_loss([S1], QMASK, "beta_moment_matching"), scalar((0.0625 - 0.05) ** 2))
+    assert_close(quality_loss([S1], QMASK, "mean_variance_regularization"), scalar(-0.1 * 0.0625))
+    # sample pool [.625, .25]: mu = .4375, v = 2 * .1875^2 / 1 = .0703125
+    mu, v = 0.4375, 0.0703125
+    assert_close(quality_loss([S1], QMASK, "beta_moment_matching", sample_wise=True),
+                 scalar((mu - 0.5) ** 2 + (v - 0.05) ** 2))
+    assert_close(quality_loss([S1], QMASK, "mean_variance_regularization", sample_wise=True),
+                 scalar((mu - 0.5) ** 2 - 0.1 * v))
+    # custom weights and targets are used; layer 2 (all .5, v = 0) adds (0 - .05)^2 * w_var
+    got = quality_loss([S1, S2], QMASK, "beta_moment_matching", beta_target_mean=0.4,
+                       beta_target_var=0.1, w_mean=2.0, w_var=3.0)
+    l1 = 2 * (0.5 - 0.4) ** 2 + 3 * (0.0625 - 0.1) ** 2
+    l2 = 2 * (0.5 - 0.4) ** 2 + 3 * (0.0 - 0.1) ** 2
+    assert_close(got, scalar((l1 + l2) / 2))
+
+
+@pytest.mark.parametrize("kind", losses.QUALITY_LOSS_KINDS)
+@pytest.mark.parametrize("sample_wise", [False, True])
+def test_quality_loss_masked_padding_changes_nothing(kind, sample_wise):
+    """Changing the gate logits at padded positions leaves every quality loss unchanged."""
+    y = torch.tensor([1.0, 0.0])
+    s_other = S1.clone()
+    s_other[~QMASK] = torch.tensor([-30.0, 4.0, 11.0])
+    a = quality_loss([S1, S2], QMASK, kind, sample_wise, labels=y)
+    b = quality_loss([s_other, S2], QMASK, kind, sample_wise, labels=y)
+    assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", losses.QUALITY_LOSS_KINDS)
+@pytest.mark.parametrize("sample_wise", [False, True])
+def test_quality_loss_gradient_reaches_gate_weight(kind, sample_wise):
+    """Every quality loss has a non-zero gradient w.r.t. a gate weight (the reference's .item() bug)."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 3, 4, 8)                                  # (L, B, T, D) gate inputs
+    w = torch.nn.Parameter(torch.randn(8) * 0.5)                 # one gate weight shared for the test
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    gates = [u[l] @ w for l in range(2)]                         # L x (B, T)
+    loss = quality_loss(gates, mask, kind, sample_wise, labels=torch.tensor([1.0, 0.0, 1.0]))
+    loss.backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_quality_loss_errors_and_empty_mask():
+    """Unknown kind or bce without labels is a ValueError; an all-padding batch gives 0, not NaN."""
+    with pytest.raises(ValueError, match="quality_loss_type"):
+        quality_loss([S1], QMASK, "entropy")
+    with pytest.raises(ValueError, match="labels"):
+        quality_loss([S1], QMASK, "bce")
+    with pytest.raises(ValueError, match="labels"):
+        quality_loss([S1], QMASK, "bce", labels=torch.ones(3))
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    for kind in losses.QUALITY_LOSS_KINDS:
+        for sw in (False, True):
+            v = quality_loss([S1], empty, kind, sw, labels=torch.ones(2))
+            assert torch.isfinite(v)
+    assert_close(quality_loss([S1], empty, "sigmoid"), scalar(0.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task losses and the total
+
+
+def test_lm_loss_matches_hand_computed_cross_entropy():
+    """lm_loss sums -log softmax at the targets in fp32, skipping -100; mean divides by targets."""
+    logits = torch.tensor([[0.0, LN3], [LN4, 0.0], [5.0, 5.0]])
+    targets = torch.tensor([1, 1, -100])
+    # p(target) = 3/4 and 1/5
+    expected = -math.log(0.75) - math.log(0.2)
+    assert_close(lm_loss(logits, targets), scalar(expected))
+    assert_close(lm_loss(logits, targets, reduction="mean"), scalar(expected / 2))
+    got = lm_loss(logits.bfloat16(), targets)                    # bf16 logits: computed in fp32
+    assert got.dtype == torch.float32
+    assert_close(got, scalar(expected), rtol=1e-2, atol=1e-2)
+
+
+def test_classification_loss_single_and_multi_label():
+    """Single-label is CE mean over the batch; multi-label is BCE-with-logits mean over B*C."""
+    logits = torch.tensor([[0.0, LN3], [LN4, 0.0]])
+    assert_close(classification_loss(logits, torch.tensor([1, 0])),
+                 scalar((-math.log(0.75) - math.log(0.8)) / 2))
+    # sigmoid(0) = .5, sigmoid(ln3) = .75, sigmoid(ln4) = .8
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    expected = (-math.log(0.5) - math.log(0.25) - math.log(0.8) - math.log(0.5)) / 4
+    assert_close(classification_loss(logits, labels, multi_label=True), scalar(expected))
+    with pytest.raises(ValueError, match="multi-label"):
+        classification_loss(logits, torch.tensor([1, 0]), multi_label=True)
+
+
+def test_total_loss_formula():
+    """total = CE + aux_coef * (LB + w_q * L_q) + z_coef * Z, with missing terms as 0."""
+    ce, lb, q, z = scalar(2.0), scalar(2.0), scalar(0.3), scalar(5.0)
+    assert_close(total_loss(ce, lb, z, q), scalar(2.0 + 0.001 * (2.0 + 1.0 * 0.3) + 0.001 * 5.0))
+    assert_close(total_loss(ce, lb, quality=q, router_aux_loss_coef=0.01, quality_loss_weight=0.5),
+                 scalar(2.0 + 0.01 * (2.0 + 0.5 * 0.3)))
+    assert_close(total_loss(ce), ce)
+
+
+def test_losses_and_routers_share_the_top_p_rule():
+    """losses' top-p selection matches routers.top_p_weights' non-zero pattern on random logits."""
+    torch.manual_seed(0)
+    z = torch.randn(50, 6) * 2
+    for top_p, temp in [(0.5, 0.0), (0.9, 0.0), (0.6, 0.7)]:
+        a = losses._top_p_selection(z.softmax(-1), top_p, temp) > 0
+        b = top_p_weights(z, top_p, temp) > 0
+        assert (a == b).all()
+
+
+def test_oracle_hf_mixtral_load_balancing_and_switch_z_loss():
+    """Optional oracle: top-k LB equals HF Mixtral's load_balancing_loss_func (masked and not), z-loss HF Switch's."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
+    torch.manual_seed(0)
+    gates = tuple(torch.randn(10, 6) * 2 for _ in range(3))     # L x (N, E), N = 2 x 5
+    am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert_close(load_balancing_loss(gates, am.bool(), 2), load_balancing_loss_func(gates, 6, 2, am))
+    assert_close(load_balancing_loss(gates, None, 2), load_balancing_loss_func(gates, 6, 2, None))
+    assert_close(router_z_loss(gates), router_z_loss_func(torch.stack(gates)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# lora.py: LoRA, rsLoRA, DoRA, merging, PEFT files
+
+def tiny_llama(seed=0, **overrides):
+    """A 2-layer random Llama (GQA 4/2 heads, tied embeddings) in eval mode."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0,
+              rms_norm_eps=1e-5)
+    return llama.LlamaForCausalLM(llama.LlamaConfig(**{**kw, **overrides})).eval()
+
+
+def randomize_adapters(model, seed=1):
+    """Give every B (and m) non-zero values so adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+            if m.use_dora:
+                m.magnitude.mul_(1 + 0.1 * torch.randn(m.magnitude.shape, generator=g))
+
+
+IDS = torch.tensor([[5, 9, 3, 17, 42, 8, 1, 30], [7, 7, 2, 60, 11, 4, 19, 23]])  # (B=2, T=8), no pad id 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the layer
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_noop_at_init(use_dora):
+    """LoRA and DoRA layers reproduce the base layer exactly at init (B = 0, m = ||W0||)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    layer = LoRALinear(base, r=4, lora_alpha=8, lora_dropout=0.0, use_dora=use_dora)
+    x = torch.randn(3, 5, 16)
+    y = layer(x)
+    assert y.shape == (3, 5, 12)
+    torch.testing.assert_close(y, base(x), rtol=0, atol=1e-6 if use_dora else 0)
+
+
+def test_dora_magnitude_init_is_w0_row_norm():
+    """DoRA's magnitude starts at the L2 norm over d_in of each row of W0."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    layer = LoRALinear(base, r=4, lora_alpha=8, use_dora=True)
+    assert layer.magnitude.shape == (12,)
+    torch.testing.assert_close(layer.magnitude.detach(), torch.linalg.norm(base.weight, dim=1))
+
+
+def hand_layer(r, alpha, A, B, use_rslora=False, use_dora=False):
+    """LoRALinear on W0 = [[1, 0], [0, 2]], b = [0.5, -1] with the given A, B."""
+    base = nn.Linear(2, 2)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        base.bias.copy_(torch.tensor([0.5, -1.0]))
+    layer = LoRALinear(base, r=r, lora_alpha=alpha, use_rslora=use_rslora, use_dora=use_dora)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor(A))
+        layer.lora_B.copy_(torch.tensor(B))
+    return layer
+
+
+def test_hand_computed_lora():
+    """r=1, alpha=2 (s=2), x=[1,2]: W0x=[1,4], Ax=3, BAx=[3,6] -> y=[1+0.5+6, 4-1+12]."""
+    layer = hand_layer(1, 2, [[1.0, 1.0]], [[1.0], [2.0]])
+    y = layer(torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(y, torch.tensor([[1 + 0.5 + 2 * 3, 4 - 1 + 2 * 6]]))
+
+
+def test_hand_computed_rslora():
+    """r=2, alpha=2, rsLoRA s=2/sqrt(2); A=I, B=[[1,0],[1,1]], x=[1,2]: BAx=[1,3]."""
+    layer = hand_layer(2, 2, [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]], use_rslora=True)
+    assert layer.scaling == pytest.approx(math.sqrt(2))
+    y = layer(torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(y, torch.tensor([[1 + 0.5 + math.sqrt(2) * 1, 4 - 1 + math.sqrt(2) * 3]]))
+
+
+def test_hand_computed_dora():
+    """DoRA r=1, s=2, m=[2,1]: W0+sBA=[[3,2],[4,6]], norms sqrt(13), sqrt(52); (W0+sBA)x=[7,16]; y=m/n*[7,16]+b."""
+    layer = hand_layer(1, 2, [[1.0, 1.0]], [[1.0], [2.0]], use_dora=True)
+    with torch.no_grad():
+        layer.magnitude.copy_(torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(layer.weight_norm(), torch.tensor([math.sqrt(13), math.sqrt(52)]))
+    y = layer(torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(y, torch.tensor([[2 * 7 / math.sqrt(13) + 0.5, 1 * 16 / math.sqrt(52) - 1]]))
+
+
+def test_efficient_dora_norm_matches_naive():
+    """||W0||^2 + 2s rowsum(B*W0A^T) + s^2 rowsum(B*BAA^T) equals the norm of the materialised W0 + sBA,
+    also after W0 changes in place (the ||W0||^2 cache follows the tensor's version counter)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(40, 24), r=8, lora_alpha=16, use_dora=True)
+    nn.init.normal_(layer.lora_B, std=0.2)
+    naive = lambda: torch.linalg.norm(layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
+    torch.testing.assert_close(layer.weight_norm(), naive().detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        layer.base.weight.mul_(3.0)
+    torch.testing.assert_close(layer.weight_norm(), naive().detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_gradients_match_naive_reference(use_dora):
+    """Gradients w.r.t. A, B, m and x equal those of the naive (m/||W0+sBA||.detach()) * (W0+sBA) x + b."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(10, 6), r=3, lora_alpha=6, use_dora=use_dora)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    if use_dora:
+        with torch.no_grad():
+            layer.magnitude.mul_(torch.rand(6) + 0.5)
+    x = torch.randn(2, 10, 4).transpose(1, 2).requires_grad_()  # (2, 4, d_in), not contiguous
+    w = torch.randn(2, 4, 6)
+    (layer(x) * w).sum().backward()
+    names = ["lora_A", "lora_B"] + (["magnitude"] if use_dora else [])
+    ours = [getattr(layer, n).grad for n in names] + [x.grad]
+    ref = {n: getattr(layer, n).detach().clone().requires_grad_() for n in names}
+    x2 = x.detach().clone().requires_grad_()
+    V = layer.base.weight + layer.scaling * ref["lora_B"] @ ref["lora_A"]  # (d_out, d_in)
+    if use_dora:
+        V = (ref["magnitude"] / torch.linalg.norm(V, dim=1).detach())[:, None] * V
+    ((F.linear(x2, V) + layer.base.bias) * w).sum().backward()
+    for g, r in zip(ours, [ref[n].grad for n in names] + [x2.grad]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_makes_dropout_deterministic():
+    """With lora_dropout > 0, train() outputs vary and eval() outputs are identical and dropout-free."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 16), r=4, lora_alpha=8, lora_dropout=0.5)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(8, 16)
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    expected = layer.base(x) + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_bf16_base_keeps_fp32_adapters():
+    """On a bf16 base the adapter tensors are fp32 and the output keeps the input dtype (bf16)."""
+    layer = LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, lora_alpha=8, use_dora=True)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.magnitude.dtype == torch.float32
+    assert layer(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------
+# injection, training, merging
+
+
+def test_inject_all_projections_and_counts():
+    """Injection wraps every targeted projection; mark_trainable trains only adapter tensors."""
+    model = tiny_llama()
+    inject_lora(model, LoraConfig(r=4, target_modules=list(PROJECTIONS), use_dora=True))
+    assert len(lora_layers(model)) == 2 * 7 and model.adapter_config.r == 4
+    trainable, total = mark_trainable(model)
+    expected = sum(m.lora_A.numel() + m.lora_B.numel() + m.magnitude.numel() for _, m in lora_layers(model))
+    assert trainable == expected and total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_only_adapters_train(use_dora):
+    """After AdamW steps, only adapter tensors got gradients and every base tensor is bit-identical."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.1, target_modules=list(PROJECTIONS), use_dora=use_dora))
+    mark_trainable(model)
+    model.train()
+    opt = torch.optim.AdamW(lora_plus_param_groups(model, 1e-2, 4.0, 0.01))
+    for _ in range(3):
+        logits = model(IDS).logits  # (B, T, V)
+        F.cross_entropy(logits[:, :-1].reshape(-1, 64), IDS[:, 1:].reshape(-1)).backward()
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == ("lora_" in name or "magnitude" in name), name
+        opt.step()
+        opt.zero_grad()
+    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items()}
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert any(m.lora_B.abs().sum() > 0 for _, m in lora_layers(model))
+
+
+def test_lora_plus_groups():
+    """LoRA+ gives lora_B and 1-D magnitudes lr*ratio, lora_A lr; every trainable tensor appears once."""
+    model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    mark_trainable(model)
+    groups = lora_plus_param_groups(model, 1e-3, 16.0, 0.1)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert by_id[id(p)]["lr"] == (1e-3 if "lora_A" in name else 1.6e-2), name
+    assert sum(len(g["params"]) for g in groups) == 3 * 2
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        lora_plus_param_groups(model, 1e-3, 0.5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge(use_dora):
+    """Merged and unmerged logits agree to 1e-5 (fp32) and unmerge restores W0."""
+    model = tiny_llama()
+    w0 = model.model.layers[0].self_attn.q_proj.weight.clone()
+    inject_lora(model, LoraConfig(r=4, target_modules=list(PROJECTIONS), use_dora=use_dora))
+    randomize_adapters(model)
+    ref = model(IDS).logits
+    merge_adapters(model)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.base.weight, w0)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5)
+    unmerge_adapters(model)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base.weight, w0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_save_merged_roundtrip(tmp_path):
+    """save_merged writes an HF folder that llama.from_pretrained loads with the adapted logits."""
+    model = inject_lora(tiny_llama(), LoraConfig(r=4, target_modules=list(PROJECTIONS), use_dora=True))
+    randomize_adapters(model)
+    ref = model(IDS).logits
+    save_merged(model, str(tmp_path / "merged"))
+    assert lora_layers(model) and not any(m.merged for _, m in lora_layers(model))
+    loaded = llama.from_pretrained(str(tmp_path / "merged"))
+    assert not lora_layers(loaded)
+    torch.testing.assert_close(loaded(IDS).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# adapter files
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_save_load_reproduces_logits(tmp_path, use_dora):
+    """An adapter saved then loaded into a fresh base model gives bit-identical logits (with a score head)."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
+    model = inject_lora(tiny_llama(), cfg)
+    randomize_adapters(model)
+    model.score = nn.Linear(32, 3, bias=False)
+    out = model(IDS)
+    save_peft_adapter(model, str(tmp_path / "a"), base_model_name_or_path="tiny")
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    loaded = load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
+    out2 = loaded(IDS)
+    assert torch.equal(out2.logits, out.logits)
+    assert torch.equal(loaded.score(out2.hidden), model.score(out.hidden))
+    assert loaded.adapter_config.use_dora == use_dora
+
+
+def test_load_bin_adapter(tmp_path):
+    """An adapter_model.bin (torch.save'd dict, PEFT names, no DoRA magnitudes as the reference writes) loads."""
+    cfg = LoraConfig(r=2, target_modules=["k_proj", "up_proj"], use_dora=True)
+    model = inject_lora(tiny_llama(), cfg)
+    randomize_adapters(model)
+    save_peft_adapter(model, str(tmp_path / "a"))
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    torch.save({k: v for k, v in sd.items() if "magnitude" not in k}, tmp_path / "a" / "adapter_model.bin")
+    os.remove(tmp_path / "a" / "adapter_model.safetensors")
+    loaded = load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
+    for (_, m), (_, m2) in zip(lora_layers(model), lora_layers(loaded)):
+        assert torch.equal(m.lora_B, m2.lora_B)
+        torch.testing.assert_close(m2.magnitude.detach(), m2.weight_norm())  # reference behaviour: m/n = 1
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    """Loading into a model of other shapes fails with an error naming the tensor."""
+    model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    save_peft_adapter(model, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape"):
+        load_peft_adapter(tiny_llama(hidden_size=48, head_dim=8), str(tmp_path / "a"))
+
+
+def test_bad_inputs(tmp_path):
+    """Missing config, unknown peft_type, absent target, r <= 0 and too-large r each raise one clear error."""
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_peft_adapter(tiny_llama(), str(tmp_path))
+    model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    save_peft_adapter(model, str(tmp_path / "a"))
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.load(open(path))
+    json.dump({**config, "peft_type": "IA3"}, open(path, "w"))
+    with pytest.raises(ValueError, match="unknown peft_type 'IA3'"):
+        load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="target module 'c_attn' not found"):
+        inject_lora(tiny_llama(), LoraConfig(target_modules=["q_proj", "c_attn"]))
+    for r in (0, -3):
+        with pytest.raises(ValueError, match="r must be a positive integer"):
+            LoraConfig(r=r)
+    with pytest.raises(ValueError, match=r"r=40 is larger than min\(d_in, d_out\)=16 of model.layers.0.self_attn.k_proj"):
+        inject_lora(tiny_llama(), LoraConfig(r=40, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        inject_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT interop (runs only where transformers + peft are installed, e.g. /work/venv-hf/bin/python -m pytest)
+
+
+def test_peft_interop(tmp_path):
+    """PEFT LoRA/DoRA adapters load here with the same logits, and ours load in PEFT with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    llama.save_pretrained(tiny_llama(), str(tmp_path / "base"))
+    hf_base = lambda cls=transformers.LlamaForCausalLM, **kw: cls.from_pretrained(
+        str(tmp_path / "base"), dtype=torch.float32, **kw).eval()
+    worst = 0.0
+    for use_dora in (False, True):
+        # PEFT -> ours
+        torch.manual_seed(0)
+        pcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(PROJECTIONS), use_dora=use_dora)
+        pm = peft.get_peft_model(hf_base(), pcfg)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name or "magnitude" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+        pm.save_pretrained(str(tmp_path / f"peft{use_dora}"))
+        ref = pm.eval()(IDS).logits
+        assert (ref - hf_base()(IDS).logits).abs().max() > 1e-3  # the adapter really changes the logits
+        ours = load_peft_adapter(llama.from_pretrained(str(tmp_path / "base")), str(tmp_path / f"peft{use_dora}"))
+        diff = (ours.eval()(IDS).logits - ref).abs().max().item()
+        # ours -> PEFT
+        ours2 = inject_lora(llama.from_pretrained(str(tmp_path / "base")),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS), use_dora=use_dora))
+        randomize_adapters(ours2)
+        save_peft_adapter(ours2, str(tmp_path / f"ours{use_dora}"), base_model_name_or_path=str(tmp_path / "base"))
+        pm2 = peft.PeftModel.from_pretrained(hf_base(), str(tmp_path / f"ours{use_dora}")).eval()
+        diff2 = (pm2(IDS).logits - ours2.eval()(IDS).logits).abs().max().item()
+        assert (pm2(IDS).logits - hf_base()(IDS).logits).abs().max() > 1e-3
+        print(f"dora={use_dora}: PEFT->ours max |dlogit| {diff:.2e}, ours->PEFT {diff2:.2e}")
+        assert diff < 1e-4 and diff2 < 1e-4
+        worst = max(worst, diff, diff2)
+    # classification head (modules_to_save ["score"]) both ways; HF pools the last non-pad token
+    ours3 = inject_lora(llama.from_pretrained(str(tmp_path / "base")), LoraConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapters(ours3)
+    ours3.score = nn.Linear(32, 3, bias=False)
+    save_peft_adapter(ours3, str(tmp_path / "cls"))
+    hf_cls = hf_base(transformers.LlamaForSequenceClassification, num_labels=3)
+    pm3 = peft.PeftModel.from_pretrained(hf_cls, str(tmp_path / "cls")).eval()
+    ref3 = ours3.score(ours3(IDS).hidden[:, -1])  # (B, C)
+    diff3 = (pm3(IDS).logits - ref3).abs().max().item()
+    pm3.save_pretrained(str(tmp_path / "cls2"))
+    ours4 = load_peft_adapter(llama.from_pretrained(str(tmp_path / "base")), str(tmp_path / "cls2"))
+    diff4 = (ours4.score(ours4(IDS).hidden[:, -1]) - pm3(IDS).logits).abs().max().item()
+    print(f"SEQ_CLS score head: ours->PEFT {diff3:.2e}, PEFT->ours {diff4:.2e}; worst LM logit diff {worst:.2e}")
+    assert diff3 < 1e-4 and diff4 < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_lora.py: MixLoRA FFN, fast vs plain path, quality gate, reference files
+
+MASK = torch.tensor([[1] * 8, [1] * 5 + [0] * 3], dtype=torch.bool)               # right padding
+
+
+def tiny_ffn(strategy="mixlora", seed=0, D=16, I=24, **kw):
+    """A MixLoRA FFN around a random LlamaMLP, every adapter tensor random (non-zero), no dropout."""
+    torch.manual_seed(seed)
+    mlp = llama.LlamaMLP(llama.LlamaConfig(hidden_size=D, intermediate_size=I, num_attention_heads=1))
+    cfg = MixLoRAConfig(**{**dict(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=4, routing_strategy=strategy,
+                                  router_init_range=0.5), **kw})
+    return randomize(MixLoRAFFN(mlp, cfg, trash_expert=lambda u: 0.5 * u).train())
+
+
+def randomize(module, seed=1):
+    """Give every adapter tensor (B, m, routers, gates) random values so that each one matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if any(k in name for k in lora.ADAPTER_KEYS):
+                p.copy_(p + torch.randn(p.shape, generator=g) * 0.2)
+    return module
+
+
+def trainable_grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the FFN
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_single_expert_equals_dense_lora_ffn(fast):
+    """E=1, k=1 MixLoRA is exactly a LlamaMLP whose three projections carry one ordinary LoRA."""
+    ffn = tiny_ffn(num_experts=1, top_k=1)
+    ffn.fast_path = fast
+    dense = llama.LlamaMLP(llama.LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=1))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        proj = getattr(ffn, name)
+        layer = lora.LoRALinear(torch.nn.Linear(*proj.weight.shape[::-1], bias=False), r=4, lora_alpha=8)
+        with torch.no_grad():
+            for mine, theirs in ((layer.base.weight, proj.weight), (layer.lora_A, proj.experts[0].lora_A),
+                                 (layer.lora_B, proj.experts[0].lora_B)):
+                mine.copy_(theirs)
+        setattr(dense, name, layer)
+    u = torch.randn(2, 5, 16)
+    y, aux = ffn(u)
+    assert y.shape == (2, 5, 16) and aux["router_logits"].shape == (10, 1)
+    torch.testing.assert_close(y, dense(u), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fast_path_equals_plain_path(strategy, gate):
+    """The fast path (shared base gate/up, base down once) equals the reference path, outputs and gradients."""
+    fast = tiny_ffn(strategy, quality_gate=gate, trash_expert_mode="noise")
+    plain = copy.deepcopy(fast)
+    plain.fast_path = False
+    u = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 4:] = False
+    results = []
+    for ffn in (fast, plain):
+        x = u.clone().requires_grad_()
+        torch.manual_seed(5)  # same jitter and trash noise draws
+        y, aux = ffn(x, mask)
+        loss = (y * torch.linspace(-1, 1, 16)).square().sum() + aux["router_logits"].square().sum()
+        if gate:
+            loss = loss + aux["gate_logits"].sum()
+        loss.backward()
+        results.append((y, x.grad, trainable_grads(ffn)))
+    (y1, gx1, g1), (y2, gx2, g2) = results
+    assert (y1[2, 4:] == 0).all() if not gate else True  # padding skips the experts
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-4, atol=1e-5)
+    assert g1.keys() == g2.keys() and any("experts.3.lora_A" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_dora_experts_fall_back_and_start_as_noop():
+    """DoRA experts are a no-op at init (m = ||W0||) and the fast flag then runs the plain path."""
+    ffn = tiny_ffn(use_dora=True, num_experts=1, top_k=1)
+    for proj in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
+        torch.nn.init.zeros_(proj.experts[0].lora_B)
+        proj.experts[0].magnitude.data = proj.weight.norm(dim=1)
+    u = torch.randn(2, 3, 16)
+    base = ffn.down_proj.weight
+    expect = F.linear(F.silu(F.linear(u, ffn.gate_proj.weight)) * F.linear(u, ffn.up_proj.weight), base)
+    torch.testing.assert_close(ffn(u)[0], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_switch_at_inference_uses_the_experts():
+    """Switch in eval mode returns p_max * expert(u), not its input (the reference's bug) and not 0."""
+    ffn = tiny_ffn("mixlora-switch", capacity_factor=4.0).eval()
+    u = torch.randn(1, 6, 16)
+    y, aux = ffn(u)
+    p = aux["router_logits"].softmax(-1)                                 # (N, E)
+    e = p.argmax(-1)
+    x = u[0]
+    for t in range(6):
+        xt = x[t:t + 1]
+        a = F.silu(ffn.gate_proj(xt, int(e[t]))) * ffn.up_proj(xt, int(e[t]))
+        torch.testing.assert_close(y[0, t], p[t, e[t]] * ffn.down_proj(a, int(e[t]))[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(y, u) and y.abs().sum() > 0
+
+
+def test_gate_init_mean_std_take_effect():
+    """quality_gate_init_mean/std set the gate weight statistics (the reference silently overwrote them)."""
+    model = tiny_llama(hidden_size=1024, intermediate_size=16, num_attention_heads=8, num_key_value_heads=8)
+    inject_adapter(model, MixLoRAConfig(r=2, num_experts=2, quality_gate=True, quality_gate_init_mean=1.0,
+                                        quality_gate_init_std=0.5))
+    w = torch.cat([layer.mlp.quality_gate.weight.flatten() for layer in model.model.layers])  # (2048,)
+    assert abs(w.mean().item() - 1.0) < 0.05 and abs(w.std().item() - 0.5) < 0.05
+
+
+def test_trash_noise_only_in_training():
+    """Noise trash: fresh draws in training; at eval the deterministic mean g*y + (1-g)*mean(u)."""
+    ffn = tiny_ffn(quality_gate=True, trash_expert_mode="noise")
+    u = torch.randn(2, 4, 16)
+    assert not torch.equal(ffn(u)[0], ffn(u)[0])
+    ffn.eval()
+    y, aux = ffn(u)
+    torch.testing.assert_close(y, ffn(u)[0], rtol=0, atol=0)
+    zero = copy.deepcopy(ffn)
+    zero.trash_mode = "zero"
+    g = torch.sigmoid(aux["gate_logits"]).unsqueeze(-1)                  # (B, T, 1)
+    torch.testing.assert_close(y, zero(u)[0] + (1 - g) * u.mean(-1, keepdim=True))
+
+
+def test_custom_trash_expert():
+    """Custom trash: y = g * y_moe + (1 - g) * f(u) with the user's function."""
+    ffn = tiny_ffn(quality_gate=True, trash_expert_mode="custom").eval()
+    u = torch.randn(2, 4, 16)
+    y, aux = ffn(u)
+    g = torch.sigmoid(aux["gate_logits"]).unsqueeze(-1)
+    ffn.trash_mode = "zero"
+    torch.testing.assert_close(y, ffn(u)[0] + (1 - g) * 0.5 * u)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model
+
+
+def mixlora_model(seed=0, **kw):
+    model = tiny_llama(seed)
+    cfg = MixLoRAConfig(**{**dict(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=4, quality_gate=True), **kw})
+    return randomize(inject_adapter(model, cfg))
+
+
+def test_gradients_reach_only_adapters_routers_gates():
+    """After inject_adapter only LoRA/expert tensors, routers and gates get gradients, and all of them do."""
+    model = mixlora_model().train()
+    out = model(IDS, attention_mask=MASK)
+    (out.logits.square().mean() + sum(a["gate_logits"].sum() for a in out.aux)).backward()
+    for name, p in model.named_parameters():
+        adapter = any(k in name for k in ("lora_", "moe_gate", "quality_gate"))
+        assert p.requires_grad == adapter, name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == adapter, name
+    assert isinstance(model.model.layers[0].self_attn.q_proj, lora.LoRALinear)
+    assert model.model.layers[1].mlp.up_proj.experts[3].lora_B.shape == (48, 4)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_aux_survives_activation_checkpointing(strategy):
+    """Router and gate logits returned through checkpointed layers carry the same gradients as without."""
+    grads = []
+    for ckpt in (False, True):
+        model = mixlora_model(routing_strategy=strategy, jitter_noise=0.0).train()
+        model.gradient_checkpointing = ckpt
+        out = model(IDS, attention_mask=MASK)
+        loss = sum(a["router_logits"].logsumexp(-1).square().mean() + a["gate_logits"].sigmoid().mean()
+                   for a in out.aux)
+        loss.backward()
+        layer = model.model.layers[0].mlp
+        grads.append((layer.moe_gate.weight.grad, layer.quality_gate.weight.grad))
+    for g_plain, g_ckpt in zip(*grads):
+        assert g_ckpt is not None and g_ckpt.abs().sum() > 0
+        torch.testing.assert_close(g_ckpt, g_plain)
+
+
+def test_router_stats_sum_to_one():
+    """router_stats: per layer the expert load over real tokens sums to 1 and 0 <= entropy <= log E."""
+    model = mixlora_model(routing_strategy="mixlora-dynamic")
+    out = model(IDS, attention_mask=MASK)
+    stats = router_stats(out.aux, MASK)
+    assert stats["load"].shape == (2, 4) and stats["gate"].shape == (2,)
+    torch.testing.assert_close(stats["load"].sum(-1), torch.ones(2))
+    assert (stats["entropy"] >= 0).all() and (stats["entropy"] <= math.log(4) + 1e-6).all()
+
+
+def test_bad_configs():
+    """Bad settings give one-line ValueErrors naming the setting."""
+    bad = [dict(trash_expert_mode="bin"), dict(quality_loss_type="hinge"), dict(top_k=9),
+           dict(routing_strategy="expert-choice"), dict(num_experts=0), dict(top_p=1.5), dict(capacity_factor=0),
+           dict(quality_gate=True, target_modules=["q_proj", "v_proj"]), dict(act_fn="swish"),
+           dict(target_modules=["fc1"]), dict(expert_lora={"rank": 4})]
+    for kw in bad:
+        with pytest.raises(ValueError) as e:
+            MixLoRAConfig(**kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="custom"):
+        inject_adapter(tiny_llama(), MixLoRAConfig(quality_gate=True, trash_expert_mode="custom"))
+    cfg = lora.LoraConfig()
+    cfg.quality_gate = True
+    with pytest.raises(ValueError, match="MoE layers"):
+        inject_adapter(tiny_llama(), cfg)
+
+
+def test_expert_lora_overrides_rank():
+    """expert_lora changes the experts' rank/alpha only; attention LoRA keeps the top-level r."""
+    model = inject_adapter(tiny_llama(), MixLoRAConfig(r=4, num_experts=2, expert_lora={"r": 2, "lora_alpha": 6}))
+    assert model.model.layers[0].self_attn.v_proj.lora_A.shape == (4, 32)
+    proj = model.model.layers[0].mlp.down_proj
+    assert proj.experts[1].lora_A.shape == (2, 48) and proj.scaling == 3.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# adapter files
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("fmt", ["peft", "mixlora"])
+def test_save_load_roundtrip(tmp_path, fmt, use_dora):
+    """save_adapter -> load_adapter into a fresh base model reproduces every tensor and the logits exactly."""
+    model = mixlora_model(use_dora=use_dora, routing_strategy="mixlora-dynamic", expert_lora={"r": 2},
+                          lora_dropout=0.05).eval()
+    save_adapter(model, tmp_path / "a", format=fmt)
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == ["adapter_config.json", "adapter_model.bin" if fmt == "mixlora" else "adapter_model.safetensors"]
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert config["peft_type"] == "MIXLORA" and config["act_fn"] == "silu"
+    loaded = load_adapter(tiny_llama(), tmp_path / "a")
+    assert loaded.adapter_config == model.adapter_config
+    a, b = adapter_tensors(model), adapter_tensors(loaded)
+    assert a.keys() == b.keys() and "mixlora.layers.1.mlp.up_proj.experts.3.lora_B.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_reference_names_and_config(tmp_path):
+    """The reference layout has the names and config values the `mixlora` package requires (mixlora.md sec. 8)."""
+    model = mixlora_model(quality_gate=False)
+    save_adapter(model, tmp_path / "a", format="mixlora")
+    sd = torch.load(tmp_path / "a" / "adapter_model.bin", weights_only=True)
+    assert sd["mixlora.layers.0.mlp.moe_gate.weight"].shape == (4, 32)
+    assert sd["mixlora.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, 32)
+    assert sd["mixlora.layers.0.mlp.down_proj.experts.2.lora_A.weight"].shape == (4, 48)
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert config["lora_alpha"] == 8 and isinstance(config["lora_alpha"], int) and config["lora_dropout"] > 0
+    assert config["task_type"] == "CAUSAL_LM" and config["routing_strategy"] == "mixlora"
+
+
+def test_expert_count_mismatch_is_an_error(tmp_path):
+    """An adapter whose weights hold a different number of experts than its config is refused."""
+    save_adapter(mixlora_model(), tmp_path / "a", format="mixlora")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.load(open(path))
+    config["num_experts"] = 3
+    json.dump(config, open(path, "w"))
+    with pytest.raises(ValueError, match="num_experts=3"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_plain_lora_goes_through_peft(tmp_path):
+    """A LoraConfig adapter saves in the PEFT layout and load_adapter dispatches it back to lora.py."""
+    model = inject_adapter(tiny_llama(), lora.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    randomize(model)
+    save_adapter(model, tmp_path / "p")
+    assert json.load(open(tmp_path / "p" / "adapter_config.json"))["peft_type"] == "LORA"
+    loaded = load_adapter(tiny_llama(), tmp_path / "p")
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="MixLoRA"):
+        save_adapter(model, tmp_path / "q", format="mixlora")
+
+
+# ----------------------------------------------------------------------------------------------------
+# interop with the reference `mixlora` package (transformers' Llama)
+
+
+def package_logits(adapter_dir):
+    """Logits of the `mixlora` package on transformers' Llama, eval mode, expert dropout off (mixlora.md sec. 8)."""
+    from mixlora import MixLoraModelForCausalLM
+    hf, _ = MixLoraModelForCausalLM.from_pretrained(str(adapter_dir), torch_dtype=torch.float32)
+    hf.eval()
+    for layer in hf.model.layers:
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    with torch.no_grad():
+        return hf(input_ids=IDS).logits
+
+
+def test_mixlora_package_interop(tmp_path):
+    """Our reference-format export gives the package's logits, and a file in the package's layout loads here."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("mixlora")
+    base = tiny_llama()
+    llama.save_pretrained(base, str(tmp_path / "base"))
+    # 1. ours -> package
+    model = mixlora_model(quality_gate=False, lora_dropout=0.05).eval()
+    model.adapter_config.base_model_name_or_path = str(tmp_path / "base")
+    save_adapter(model, tmp_path / "ours", format="mixlora")
+    with torch.no_grad():
+        ours = model(IDS).logits
+        assert (ours - base(IDS).logits).abs().max() > 1e-2  # the adapter matters
+    diff1 = (package_logits(tmp_path / "ours") - ours).abs().max().item()
+    # 2. package layout -> ours: random tensors under the reference names, MoE-PEFT's config keys
+    g = torch.Generator().manual_seed(3)
+    weights = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapter_tensors(model).items()}
+    os.makedirs(tmp_path / "theirs")
+    torch.save(weights, tmp_path / "theirs" / "adapter_model.bin")
+    config = {"bias": "none", "peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
+              "routing_strategy": "mixlora", "num_experts": 4, "act_fn": "silu", "top_k": 2,
+              "base_model_name_or_path": str(tmp_path / "base"), "task_type": "CAUSAL_LM"}
+    json.dump(config, open(tmp_path / "theirs" / "adapter_config.json", "w"))
+    loaded = load_adapter(llama.from_pretrained(str(tmp_path / "base")), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        diff2 = (package_logits(tmp_path / "theirs") - loaded(IDS).logits).abs().max().item()
+    print(f"max |logit diff| ours->package {diff1:.2e}, package->ours {diff2:.2e}")
+    assert diff1 < 1e-4 and diff2 < 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch", "gate"])
+def test_bf16_autocast_matches_fp32(adapter):
+    """Under CPU bf16 autocast every adapter trains (finite loss, gradients) and stays close to fp32."""
+    model = tiny_llama()
+    if adapter in ("lora", "dora"):
+        cfg = lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(lora.PROJECTIONS), use_dora=adapter == "dora")
+    else:
+        cfg = MixLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(lora.PROJECTIONS), num_experts=4,
+                            routing_strategy="mixlora" if adapter == "gate" else adapter, quality_gate=adapter == "gate")
+    inject_adapter(model, cfg)
+    randomize(model)
+    lora.mark_trainable(model)
+    model.train()
+    ref = model(IDS, attention_mask=MASK.long()).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(IDS, attention_mask=MASK.long()).logits
+    loss = out.float().logsumexp(-1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert len(grads) > 0 and all(torch.isfinite(g).all() for g in grads)   # unrouted experts may have none
+    err = (out.float() - ref).abs().max() / ref.abs().max()                  # bf16 keeps ~3 significant digits
+    assert err < 0.03, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py and train.py: formats, tasks, scoring, accumulation, resume, DDP, errors
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant :{% endif %}")
+CORPUS = ("### Instruction Input Output : \n Answer Which word is a an animal fruit color tool body part country "
+          "or , ? true false A B C D E Please choose the correct answer to question ( ) great movie bad film "
+          "the cat sat on mat dog runs fast user assistant hello hi there what name my is bob good awful "
+          "x y z one two three four five six seven eight nine ten")
+
+
+def word_list():
+    words = CORPUS.split()
+    for ws in data.CATEGORIES.values():
+        words += ws
+    return list(dict.fromkeys(words))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread, and the CPU is shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random Llama checkpoint folder with a word-level tokenizer and a chat template."""
+    path = str(tmp_path_factory.mktemp("tiny") / "ckpt")
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + word_list())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+    torch.manual_seed(0)
+    cfg = llama.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    llama.save_pretrained(llama.LlamaForCausalLM(cfg), path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True,
+                   "chat_template": CHAT_TEMPLATE}, f)
+    return path
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sft_rows(n=24):
+    words = word_list()[20:]
+    return [{"instruction": f"what is {words[i % len(words)]}", "input": "x" if i % 2 else "",
+             "output": " ".join(words[(i + j) % len(words)] for j in range(1 + i % 5))} for i in range(n)]
+
+
+def run(ckpt, out, *extra):
+    """train.main with small, deterministic defaults."""
+    return train.main(["--model", ckpt, "--out", str(out), "--r", "4", "--num-experts", "4", "--lr", "1e-3",
+                       "--no-eval-before", "--log-every", "100", *extra])
+
+
+def saved_adapter_tensors(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py: formats, masking, truncation, tasks, metrics
+
+
+def test_data_formats(ckpt, tmp_path):
+    """Alpaca (JSON list and JSONL), chat, text and classification records become the right examples."""
+    tok = llama.load_tokenizer(ckpt)
+    rows = sft_rows(3)
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    jl = write_jsonl(tmp_path / "a.jsonl", rows)
+    for path in (str(tmp_path / "a.json"), jl):
+        ex = data.load_data(path, tok)
+        assert [e.kind for e in ex] == ["lm"] * 3 and ex[1].prompt == data.alpaca_prompt(rows[1]["instruction"], "x")
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hello"},
+                                                            {"role": "assistant", "content": "hi there"}]}])
+    e = data.load_data(chat, tok)[0]
+    assert e.prompt == "<s>user : hello </s><s>assistant :" and e.answer == "<s>assistant : hi there </s>"[len("<s>assistant :"):]
+    enc = data.encode(tok, e, 64)
+    assert enc["ids"][0] == tok.bos_id and enc["labels"][-1] == tok.eos_id  # template's BOS only, answer ends in </s>
+    text = data.load_data(write_jsonl(tmp_path / "t.jsonl", [{"text": "the cat sat"}]), tok)[0]
+    assert data.encode(tok, text, 64)["labels"] == data.encode(tok, text, 64)["ids"]
+    cls = data.load_data(write_jsonl(tmp_path / "s.jsonl", [{"sentence": "great movie", "label": 1},
+                                                            {"sentence": "bad film", "label": [0, 2]}]), tok)
+    assert [c.kind for c in cls] == ["cls", "cls"] and cls[1].label == [0, 2]
+    pair = data.load_data(write_jsonl(tmp_path / "p.jsonl", [{"sentence1": "the cat", "sentence2": "the dog", "label": 0}]), tok)[0]
+    assert data.encode(tok, pair, 64)["ids"] == tok.encode("the cat") + tok.encode("the dog")  # BOS s1 BOS s2
+
+
+def test_prompt_masking_and_collate(ckpt):
+    """Only answer tokens are targets by default; --train-on-prompt adds the prompt; padding never is one."""
+    tok = llama.load_tokenizer(ckpt)
+    ex = data.Example(data.alpaca_prompt("what is cat"), "dog runs", eos=True)
+    enc = data.encode(tok, ex, 64)
+    n_prompt = len(tok.encode(ex.prompt))
+    assert enc["labels"][:n_prompt] == [data.IGNORE] * n_prompt
+    assert enc["labels"][n_prompt:] == tok.encode("dog runs", add_bos=False) + [tok.eos_id]
+    full = data.encode(tok, ex, 64, train_on_prompt=True)
+    assert full["labels"] == full["ids"]
+    short = data.encode(tok, data.Example("the cat", "dog"), 64)
+    b = data.collate([enc, short], tok.pad_id)
+    ids, t = b["input_ids"], b["targets"]
+    assert ids.shape == (2, len(enc["ids"])) and int(b["last"][1]) == len(short["ids"]) - 1
+    m = t != data.IGNORE
+    assert torch.equal(t[:, :-1][m[:, :-1]], ids[:, 1:][m[:, :-1]])  # position t predicts token t+1
+    assert int(m[1].sum()) == 1 and not m[1, len(short["ids"]) - 1:].any()  # no target on or after padding
+
+
+def test_truncation_keeps_prompt_end_and_answer():
+    """Over-long examples keep the answer's start and the prompt's end, and are flagged."""
+    p, a, cut = data.truncate(list(range(100)), [7, 8], 10)
+    assert cut and a == [7, 8] and p == list(range(92, 100))
+    p, a, cut = data.truncate([1, 2], list(range(50)), 10)
+    assert cut and p == [1, 2] and a == list(range(8))
+    assert data.truncate([1], [2], 10) == ([1], [2], False)
+
+
+def test_task_prompts_are_the_reference():
+    """Task prompts follow the reference templates and the gold answer is one of the options."""
+    ex = data.load_task("arc-e", "train")[0]
+    assert ex.prompt == ("Please choose the correct answer to the question: Which technology was developed most "
+                         "recently? (A) cellular telephone (B) television (C) refrigerator (D) airplane\nAnswer:")
+    assert ex.answer == " A" and ex.options == ("A", "B", "C", "D")
+    b = data.load_task("boolq", "train")[0]
+    assert b.prompt.startswith("Please answer the following question with true or false: ") and b.answer == " false"
+    for name in data.TASKS:
+        e = data.load_task(name, "test")[0]
+        assert e.answer == " " + e.options[e.label] and e.prompt.endswith(":")
+
+
+class LastTokenStub(torch.nn.Module):
+    """A 'model' whose logits at every position are a fixed vector (to test the scoring rule alone)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, input_ids, attention_mask=None, logits_mask=None):
+        M = int(logits_mask.sum())
+        return llama.LlamaOutput(self.scores.expand(M, -1), [], torch.zeros(*input_ids.shape, 4))
+
+
+def test_scoring_restricted_to_own_options(ckpt):
+    """The prediction is the highest-logit label token AMONG the question's options, not over all labels."""
+    tok = llama.load_tokenizer(ckpt)
+    scores = torch.zeros(tok.vocab_size)
+    scores[tok.encode("E", add_bos=False)[0]] = 9.0    # best overall, but not an option
+    scores[tok.encode("C", add_bos=False)[0]] = 5.0
+    scores[tok.encode("B", add_bos=False)[0]] = 3.0
+    q = [data.Example("which is x ?\nAnswer:", " B", "choice", ("A", "B"), 1, task="t"),
+         data.Example("which is y ?\nAnswer:", " C", "choice", ("A", "B", "C", "D"), 2, task="t")]
+    args = train.parser.parse_args(["--max-len", "64"])
+    r = train.evaluate(LastTokenStub(scores), tok, {"t": q}, args, "cpu", train.nullcontext())["t"]
+    assert r["accuracy"] == 1.0 and r["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+
+
+def test_demo_task_disjoint():
+    """The built-in task's train and test questions are disjoint and every answer is an option."""
+    tr, te = data.demo_task()
+    assert len(tr) == 256 and len(te) == 128 and not {e.prompt for e in tr} & {e.prompt for e in te}
+    assert all(e.options[e.label] == e.answer.strip() for e in tr + te)
+
+
+def test_metrics():
+    """Accuracy baselines, binary F1 and Matthews correlation match hand computations."""
+    gold, pred = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    assert data.f1_score(pred, gold) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert data.matthews(gold, gold) == pytest.approx(1.0) and data.matthews([1 - g for g in gold], gold) == pytest.approx(-1.0)
+    assert data.matthews(pred, gold) == pytest.approx((2 * 1 - 1 * 1) / (3 * 2 * 2 * 3) ** 0.5)
+    assert data.baselines([0, 0, 1], [2, 2, 4]) == (pytest.approx((0.5 + 0.5 + 0.25) / 3), pytest.approx(2 / 3))
+    assert data.multilabel_metrics([{0}, {1, 2}], [{0}, {1}]) == {"accuracy": 0.5, "f1": pytest.approx(0.8)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: heads, equivalences, resume, DDP
+
+
+def test_classification_heads(ckpt, tmp_path):
+    """Single- and multi-label heads train, are saved with the adapter and evaluate the same after reload."""
+    words = ["great movie", "bad film", "good cat", "awful dog", "great dog", "bad cat"]
+    single = write_jsonl(tmp_path / "s.jsonl", [{"sentence": w, "label": i % 2} for i, w in enumerate(words * 3)])
+    out = tmp_path / "s"
+    h = run(ckpt, out, "--data", single, "--eval-data", single, "--adapter", "lora", "--steps", "3", "--batch-size", "6")
+    assert set(h["eval"][-1][os.path.basename(single)]) >= {"accuracy", "f1", "mcc", "chance", "majority"}
+    assert saved_adapter_tensors(out / "last")["base_model.model.score.weight"].shape == (2, 32)
+    again = train.main(["--model", ckpt, "--data", single, "--eval-data", single, "--eval-only",
+                        "--adapter-path", str(out / "last")])["eval"]
+    assert again == h["eval"][-1]
+    multi = write_jsonl(tmp_path / "m.jsonl", [{"sentence": w, "label": [i % 3, 3]} for i, w in enumerate(words * 2)])
+    h = run(ckpt, tmp_path / "m", "--data", multi, "--eval-data", multi, "--steps", "2", "--batch-size", "4")
+    assert set(h["eval"][-1][os.path.basename(multi)]) == {"accuracy", "f1", "n"}
+    assert load_file(str(tmp_path / "m" / "last" / "adapter_model.safetensors"))["classifier"].shape == (4, 32)
+
+
+def record_grads(monkeypatch):
+    """Patch AdamW.step to keep a copy of the gradients it is given."""
+    grads, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return grads
+
+
+def test_accumulation_equivalence(ckpt, tmp_path, monkeypatch):
+    """One batch of 8 and 4 micro-batches of 2 give the same losses and the same gradients."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    common = ["--data", d, "--steps", "2", "--batch-size", "8", "--lora-dropout", "0", "--router-aux-loss-coef", "0"]
+    grads = record_grads(monkeypatch)
+    h1 = run(ckpt, tmp_path / "a", *common, "--micro-batch-size", "8")
+    h2 = run(ckpt, tmp_path / "b", *common, "--micro-batch-size", "2")
+    torch.testing.assert_close(torch.tensor(h1["loss"]), torch.tensor(h2["loss"]), rtol=1e-5, atol=1e-5)
+    assert len(grads) == 4
+    g1, g2 = grads[:2], grads[2:]
+    for s1, s2 in zip(g1, g2):
+        for a, b in zip(s1, s2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_equivalence(ckpt, tmp_path, monkeypatch):
+    """Interrupting (Ctrl-C) after 2 of 5 steps and resuming gives the uninterrupted run's losses."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    common = ["--data", d, "--steps", "5", "--batch-size", "4", "--micro-batch-size", "2", "--schedule", "cosine",
+              "--warmup-ratio", "0.4", "--lora-dropout", "0.1", "--lora-plus-ratio", "4", "--log-every", "1"]
+    full = run(ckpt, tmp_path / "full", *common)["loss"]
+    real = data.step_indices
+
+    def interrupt_at_2(n, step, *a):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(n, step, *a)
+    monkeypatch.setattr(data, "step_indices", interrupt_at_2)
+    with pytest.raises(SystemExit):
+        run(ckpt, tmp_path / "part", *common)
+    monkeypatch.setattr(data, "step_indices", real)
+    rest = run(ckpt, tmp_path / "part", *common, "--resume")["loss"]
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[2:]))
+    lines = [json.loads(l) for l in open(tmp_path / "part" / "log.jsonl")]
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5] and "load" in lines[0]
+
+
+def _ddp_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    h = train.main(argv)
+    if rank == 0:
+        json.dump(h["loss"], open(out, "w"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_equivalence(ckpt, tmp_path):
+    """2 processes (gloo) give the same losses as 1 process with the same global batch."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    argv = ["--model", ckpt, "--data", d, "--steps", "3", "--batch-size", "8", "--micro-batch-size", "2",
+            "--lora-dropout", "0", "--router-aux-loss-coef", "0", "--r", "4", "--num-experts", "4",
+            "--lr", "1e-3", "--no-eval-before", "--log-every", "100"]
+    one = train.main(argv + ["--out", str(tmp_path / "one")])["loss"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = str(tmp_path / "two.json")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv + ["--out", str(tmp_path / "two")], res), nprocs=2)
+    torch.testing.assert_close(torch.tensor(json.load(open(res))), torch.tensor(one))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors: one line, naming the file / line / flag
+
+
+def test_errors_in_process(ckpt, tmp_path):
+    """Bad --model, malformed or empty lines, empty files and unknown tasks raise one-line errors."""
+    with pytest.raises(FileNotFoundError, match="smollm2_checkpoint.py"):
+        train.main(["--model", str(tmp_path / "nope")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        run(ckpt, tmp_path / "o", "--data", str(bad))
+    bad.write_text('{"text": "the cat"}\n\n{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: empty line"):
+        run(ckpt, tmp_path / "o", "--data", str(bad))
+    bad.write_text('{"instruction": "x", "output": ""}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'output'"):
+        run(ckpt, tmp_path / "o", "--data", str(bad))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: empty file"):
+        run(ckpt, tmp_path / "o", "--data", str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ValueError, match="unknown task 'arc-x'"):
+        run(ckpt, tmp_path / "o", "--task", "arc-x")
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        run(ckpt, tmp_path / "fresh", "--resume")
+
+
+def test_cli_errors_are_one_line(ckpt, tmp_path):
+    """From the command line, a missing checkpoint or a malformed file gives one line and exit status 1."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    for argv in (["--model", str(tmp_path / "nope")], ["--data", str(bad), "--model", ckpt]):
+        p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True)
+        assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert p.stderr.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# selection.py: Select-MoE scoring and selection
+
+WORDS = "the a cat dog sat on mat is red blue big small yes no one two three".split()
+
+
+def tiny_model(gate=True, seed=0, **cfg):
+    """A 2-layer random Llama with a MixLoRA adapter (4 experts) and, by default, quality gates."""
+    torch.manual_seed(seed)
+    model = llama.LlamaForCausalLM(llama.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    inject_adapter(model, MixLoRAConfig(r=4, num_experts=4, lora_dropout=0.0, quality_gate=gate,
+                                        quality_gate_init_std=0.5, **cfg))
+    return model
+
+
+def tiny_tokenizer(path):
+    """The word-level tokenizer of write_tiny_tokenizer (its first words are WORDS), loaded."""
+    write_tiny_tokenizer(str(path))
+    return llama.load_tokenizer(str(path))
+
+
+def alpaca_file(path, n=12):
+    """n alpaca records with ids and alternating quality labels, as a JSON list."""
+    g = torch.Generator().manual_seed(1)
+    recs = [{"instruction": " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (1 + k % 5,), generator=g)),
+             "input": "", "output": " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (2 + k % 3,), generator=g)),
+             "id": f"s{k}", "quality": k % 2} for k in range(n)]
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    return recs
+
+
+def selection_args(**kw):
+    p = argparse.ArgumentParser()
+    selection.add_selection_args(p)
+    args = p.parse_args([])
+    args.data, args.max_len, args.eval_batch_size, args.out = None, 64, 4, "out"
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_roc_auc_hand_case():
+    """AUC is the share of (positive, negative) pairs ranked right, a tie counting 1/2."""
+    assert selection.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(3 / 4)
+    assert selection.roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(3.5 / 4)
+    assert selection.roc_auc([3, 2, 1], [1, 1, 0]) == 1.0 and selection.roc_auc([1, 2, 3], [1, 1, 0]) == 0.0
+    assert selection.roc_auc([0.7] * 4, [1, 0, 1, 0]) == 0.5
+
+
+def test_selection_count_rounding():
+    """The count is floor(N * fraction), robust to float error, and at least 1."""
+    assert selection.selection_count(100, 0.29) == 29
+    assert selection.selection_count(10, 0.3) == 3
+    assert selection.selection_count(10, 0.35) == 3
+    assert selection.selection_count(3, 0.1) == 1
+    assert selection.selection_count(7, 1.0) == 7
+
+
+def test_round_robin_order():
+    """Round-robin takes the best of each cluster in ascending cluster id, round after round."""
+    q = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.7, 0.3, 0.6])
+    clusters = torch.tensor([2, 0, 0, 2, 1, 0, 2])
+    # cluster 0: 2 (0.5), 5 (0.3), 1 (0.1); cluster 1: 4; cluster 2: 0 (0.9), 3 (0.8), 6 (0.6)
+    assert selection.round_robin(q, clusters, 7) == [2, 4, 0, 5, 3, 1, 6]
+    assert selection.round_robin(q, clusters, 4) == [2, 4, 0, 5]
+    assert selection.round_robin(q, clusters, 99) == [2, 4, 0, 5, 3, 1, 6]
+
+
+def test_kmeans_recovers_separable_clusters():
+    """Cosine k-means recovers three well-separated directions and is deterministic for a seed."""
+    g = torch.Generator().manual_seed(0)
+    proto = torch.eye(6)[[0, 2, 4]] + 0.05                            # (3, F) three routing patterns
+    truth = torch.arange(60) % 3
+    x = proto[truth] * (0.5 + torch.rand(60, 1, generator=g)) + 0.05 * torch.rand(60, 6, generator=g)
+    assign, centres = selection.cosine_kmeans(x, k=3, seed=42)
+    assert centres.shape == (3, 6)
+    for c in range(3):                                                 # each true group is one cluster
+        assert len(set(assign[truth == c].tolist())) == 1
+    assert len(set(assign.tolist())) == 3
+    torch.testing.assert_close(selection.cosine_kmeans(x, k=3, seed=42)[0], assign)
+    assert selection.cosine_kmeans(x[:2], k=26)[1].shape[0] == 2        # k cut to N
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def test_score_equals_hand_recomputation_from_gate_logits():
+    """q = mean_l sigmoid(mean over mask-valid tokens of the gate logit); routing = mean softmax; padding ignored."""
+    model = tiny_model().eval()
+    ids = torch.randint(4, 40, (3, 7), generator=torch.Generator().manual_seed(0))
+    am = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    res = selection.score_dataset(model, [{"input_ids": ids, "attention_mask": am}], progress=False)
+    for b in range(3):
+        n = int(am[b].sum())
+        with torch.no_grad():
+            aux = model(ids[b:b + 1, :n]).aux                          # the sample alone, no padding
+        s = torch.stack([a["gate_logits"][0] for a in aux])            # (L, n)
+        torch.testing.assert_close(res["q"][b], torch.sigmoid(s.mean(1)).mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["gate_logit_mean"][b], s.mean(1), rtol=1e-5, atol=1e-6)
+        p = torch.stack([a["router_logits"].softmax(-1).mean(0) for a in aux])  # (L, E)
+        torch.testing.assert_close(res["routing"][b], p, rtol=1e-5, atol=1e-6)
+    assert res["routing"].shape == (3, 2, 4) and res["n_tokens"].tolist() == [7, 4, 2]
+
+
+def answer_batch(tmp_path, n=5):
+    """(tokenizer, encoded items, collated batch): n alpaca records of varied prompt/answer lengths, right-padded."""
+    tok = tiny_tokenizer(tmp_path)
+    recs = alpaca_file(tmp_path / "d.json", n)
+    items = [data.encode(tok, data.record_to_example(r, "r", tok, "t"), 64) for r in recs]
+    return tok, items, data.collate(items, tok.pad_id)
+
+
+def test_quality_token_mask_answer_positions(tmp_path):
+    """'answer' marks exactly the positions that predict an answer token (last prompt token .. next-to-last); 'all' the attention mask."""
+    tok, items, batch = answer_batch(tmp_path)
+    ans = selection.quality_token_mask(batch, "answer")
+    torch.testing.assert_close(selection.quality_token_mask(batch, "all"), batch["attention_mask"].bool())
+    for b, it in enumerate(items):
+        n_prompt = sum(l == data.IGNORE for l in it["labels"])
+        want = torch.zeros(batch["input_ids"].shape[1], dtype=torch.bool)
+        want[n_prompt - 1:len(it["ids"]) - 1] = True                   # position t predicts token t+1
+        assert torch.equal(ans[b], want)
+    with pytest.raises(ValueError, match="--quality-tokens"):
+        selection.quality_token_mask(batch, "prompt")
+
+
+def test_score_answer_tokens_ignore_prompt_and_padding(tmp_path):
+    """With tokens='answer', q is the hand recomputation over exactly the answer positions; prompt gate logits and padding change nothing."""
+    tok, items, batch = answer_batch(tmp_path)
+    model = tiny_model().eval()
+    res = selection.score_dataset(model, [batch], tokens="answer", progress=False)
+    for b, it in enumerate(items):
+        n, n_prompt = len(it["ids"]), sum(l == data.IGNORE for l in it["labels"])
+        with torch.no_grad():
+            aux = model(torch.tensor([it["ids"]])).aux                 # the sample alone, no padding
+        s = torch.stack([a["gate_logits"][0, n_prompt - 1:n - 1] for a in aux])  # (L, answer positions)
+        torch.testing.assert_close(res["q"][b], torch.sigmoid(s.mean(1)).mean(), rtol=1e-5, atol=1e-6)
+        assert res["n_tokens"][b] == n - n_prompt
+    # push the last layer's gate logits outside the answer positions (prompt, padding) to +-50 (the last
+    # layer: nothing downstream sees its gate): 'answer' scores stay, 'all' scores move
+    ans = selection.quality_token_mask(batch, "answer")
+    offset = (~ans).float()[..., None] * 50 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])[:, None, None]  # (B, T, 1)
+    hook = selection.ffn_layers(model)[-1].quality_gate.register_forward_hook(lambda mod, inp, out: out + offset)
+    try:
+        pushed = selection.score_dataset(model, [batch], tokens="answer", progress=False)
+        pushed_all = selection.score_dataset(model, [batch], tokens="all", progress=False)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(pushed["q"], res["q"])
+    assert not torch.allclose(pushed_all["q"], selection.score_dataset(model, [batch], tokens="all", progress=False)["q"])
+
+
+def test_scores_file_round_trip(tmp_path):
+    """Scores written as JSONL or safetensors read back with the same ids, q, routing and labels."""
+    s = {"q": torch.rand(5), "gate_logit_mean": torch.randn(5, 2), "routing": torch.rand(5, 2, 4),
+         "n_tokens": torch.tensor([3.0, 4, 5, 6, 7])}
+    ids, labels = [f"x{i}" for i in range(5)], [1, 0, None, 1, 0]
+    for name in ("s.jsonl", "s.safetensors"):
+        path = selection.write_scores(str(tmp_path / name), s, ids, labels, "answer")
+        back = selection.read_scores(path)
+        assert back["ids"] == ids and back["quality_tokens"] == "answer"
+        torch.testing.assert_close(back["q"], s["q"])
+        torch.testing.assert_close(back["routing"], s["routing"])
+        assert back["label"][:2].tolist() == [1, 0] and math.isnan(back["label"][2])
+    row = json.loads(open(tmp_path / "s.jsonl").readline())
+    assert set(row) == {"index", "id", "q", "quality_tokens", "label", "n_tokens", "gate_logit_mean", "routing"}
+
+
+def test_score_then_select_writes_exact_records(tmp_path):
+    """--score writes one line per record with the expected fields; --select writes the exact records."""
+    tok, model = tiny_tokenizer(tmp_path), tiny_model()
+    recs = alpaca_file(tmp_path / "d.json", 12)
+    scores = str(tmp_path / "scores.jsonl")
+    args = selection_args(data=str(tmp_path / "d.json"), score=scores, select=0.5,
+                          subset=str(tmp_path / "sub.jsonl"), num_clusters=3)
+    out = selection.run_selection(args, model, tok, log=lambda *a: None)
+    rows = [json.loads(line) for line in open(scores)]
+    assert [r["id"] for r in rows] == [r["id"] for r in recs] and [r["label"] for r in rows] == [r["quality"] for r in recs]
+    assert len(rows[0]["routing"]) == 2 and len(rows[0]["routing"][0]) == 4 and 0 < rows[0]["q"] < 1
+    sub = [r for _, r in data.read_records(str(tmp_path / "sub.jsonl"))]
+    assert len(sub) == 6 and all(r in recs for r in sub)               # unchanged records, input format
+    assert [r["id"] for r in sub] == [recs[i]["id"] for i in sorted(out["selected"])]
+    assert 0 <= out["auc"] <= 1
+    summary = json.load(open(str(tmp_path / "sub.jsonl") + ".summary.json"))
+    assert summary["selected"] == 6 and sum(summary["cluster_taken"]) == 6
+    # select-only again from the file, as a JSON list this time: same choice
+    args2 = selection_args(data=str(tmp_path / "d.json"), score=scores, select=0.5,
+                           subset=str(tmp_path / "sub.json"), num_clusters=3)
+    selection.run_selection(args2, log=lambda *a: None)
+    assert json.load(open(tmp_path / "sub.json")) == sub
+
+
+def test_warmup_gates_train_alone_and_survive_save_load(tmp_path):
+    """Gates added to a gate-less MixLoRA adapter: only gates and routers train, and they save/load."""
+    model = tiny_model(gate=False)
+    selection.add_quality_gates(model, trash_mode="noise")
+    n = selection.freeze_for_warmup(model)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert names and all("quality_gate" in k or "moe_gate" in k for k in names)
+    assert n == 2 * (32 + 4 * 32)                                      # 2 layers x (gate D + router E*D)
+    save_adapter(model, str(tmp_path / "a"))
+    torch.manual_seed(0)
+    fresh = llama.LlamaForCausalLM(model.config)
+    load_adapter(fresh, str(tmp_path / "a"))
+    for a, b in zip(selection.ffn_layers(model), selection.ffn_layers(fresh)):
+        torch.testing.assert_close(a.quality_gate.weight, b.quality_gate.weight)
+        assert b.trash_mode == "noise"
+
+
+def test_make_corrupted_mix_shuffles_outputs():
+    """Corrupted records carry another record's output and label 0; clean ones are unchanged with label 1."""
+    recs = [{"instruction": f"i{k}", "input": "", "output": f"o{k}"} for k in range(20)]
+    mix, rest = selection.make_corrupted_mix(recs, 10, 0.5, seed=3)
+    assert len(mix) == 10 and sum(r["quality"] == 0 for r in mix) == 5 and len(rest) == 10
+    assert {r["instruction"] for r in mix}.isdisjoint(r["instruction"] for r in rest)
+    for r in mix:
+        assert (r["output"] == "o" + r["instruction"][1:]) == (r["quality"] == 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_errors_are_one_line_value_errors(tmp_path):
+    """Bad fraction, empty data, no gates, no MoE layers, mismatched scores: one-line ValueErrors."""
+    for f in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+            selection.run_selection(selection_args(select=f, score="s.jsonl"))
+    with pytest.raises(ValueError, match="empty dataset"):
+        selection.score_dataset(tiny_model(), [], progress=False)
+    with pytest.raises(ValueError, match="empty dataset"):
+        selection.selection_count(0, 0.5)
+    with pytest.raises(ValueError, match="no quality gates"):
+        selection.score_dataset(tiny_model(gate=False), [], progress=False)
+    plain = llama.LlamaForCausalLM(tiny_model().config)
+    inject_adapter(plain, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="needs MoE layers"):
+        selection.add_quality_gates(plain)
+    with pytest.raises(ValueError, match="no quality gates"):
+        selection.score_dataset(plain, [], progress=False)
+    with pytest.raises(ValueError, match="needs MoE layers"):
+        MixLoRAConfig(quality_gate=True, target_modules=["q_proj"])
+    with open(tmp_path / "empty.json", "w") as f:
+        f.write("[]")
+    with pytest.raises(ValueError, match="no records"):
+        selection.run_selection(selection_args(data=str(tmp_path / "empty.json"), score="s.jsonl", select=0.5))
+    alpaca_file(tmp_path / "d.json", 4)
+    s = {"q": torch.rand(3), "gate_logit_mean": torch.randn(3, 2), "routing": torch.rand(3, 2, 4), "n_tokens": torch.ones(3)}
+    selection.write_scores(str(tmp_path / "s.jsonl"), s, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="has 3 samples but"):
+        selection.run_selection(selection_args(data=str(tmp_path / "d.json"), score=str(tmp_path / "s.jsonl"), select=0.5))
+    with pytest.raises(ValueError, match="labels must be 0/1"):
+        selection.roc_auc([0.1, 0.2], [1, 1])
+
+
+def test_train_warmup_score_select_commands(tmp_path):
+    """train.py --warmup trains only gates and routers; --score then --select write scores and the subset."""
+    train = pytest.importorskip("train")
+    if not hasattr(train, "selection"):
+        pytest.skip("train.py has no Select-MoE flags yet")
+    model = llama.LlamaForCausalLM(tiny_model().config)
+    llama.save_pretrained(model, str(tmp_path / "ckpt"))
+    tiny_tokenizer(tmp_path / "ckpt")
+    recs = alpaca_file(tmp_path / "d.json", 16)
+    ck, d = str(tmp_path / "ckpt"), str(tmp_path / "d.json")
+    common = ["--model", ck, "--data", d, "--r", "4", "--num-experts", "4", "--max-len", "32", "--batch-size", "4",
+              "--no-eval-before", "--dtype", "float32"]
+    train.main(common + ["--out", str(tmp_path / "base"), "--steps", "1"])
+    base = load_file_tensors(tmp_path / "base" / "last")
+    train.main(common + ["--out", str(tmp_path / "warm"), "--steps", "2", "--lr", "1e-2", "--warmup",
+                         "--adapter-path", str(tmp_path / "base" / "last"), "--quality-loss", "bce",
+                         "--quality-tokens", "answer"])
+    warm = load_file_tensors(tmp_path / "warm" / "last")
+    moved = {k for k in base if not torch.equal(base[k], warm[k])}
+    assert moved and all("moe_gate" in k for k in moved)               # experts and attention LoRA frozen
+    assert any("quality_gate" in k for k in warm) and not any("quality_gate" in k for k in base)
+    scores, sub = str(tmp_path / "s.jsonl"), str(tmp_path / "sub.jsonl")
+    train.main(common + ["--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
+    assert [json.loads(line)["quality_tokens"] for line in open(scores)] == ["answer"] * 16
+    train.main(["--data", d, "--score", scores, "--select", "0.25", "--subset", sub, "--num-clusters", "2"])
+    assert all(r in recs for _, r in data.read_records(sub)) and len(data.read_records(sub)) == 4
+    assert json.load(open(sub + ".summary.json"))["quality_tokens"] == "answer"
+
+
+def load_file_tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))

@@ -13,8 +13,10 @@ mode branch (evaluation only), optimiser and schedule, the loop, the final evalu
     python train.py --model PATH --task boolq --eval-only [--adapter-path runs/mt/best]
     python train.py --model PATH --task boolq --out runs/b --resume    # continue runs/b/checkpoint
     torchrun --nproc_per_node 2 train.py --model PATH --task boolq      # data parallel (gloo / NCCL)
-    python train.py --model PATH --data D.json --adapter-path A --warmup --quality-loss bce --out runs/w
-    python train.py --model PATH --data D.json --adapter-path runs/w/last --score s.jsonl --select 0.05
+    python train.py --model PATH --data D.json --adapter-path A --warmup --quality-loss bce \\
+                    --quality-tokens answer --out runs/w
+    python train.py --model PATH --data D.json --adapter-path runs/w/last --score s.jsonl --select 0.05 \\
+                    --quality-tokens answer
                                                   # Select-MoE warm-up, scoring, selection (selection.py)
 
 Reference: MoE-PEFT's trainer (../shared/reference/mixlora.md section 9): AdamW with weight decay
@@ -171,9 +173,10 @@ def load_sources(args, tok):
     return train, evals
 
 
-def router_losses(aux, token_mask, cfg, quality=None):
+def router_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
     """The router terms of the adapter's strategy, with their coefficients (mixlora.md section 5), and
-    the Select-MoE quality term; quality: the micro-batch's per-sample labels (for the bce loss)."""
+    the Select-MoE quality term; quality: the micro-batch's per-sample labels (for the bce loss);
+    quality_mask: the (N,) tokens L_q averages over (default token_mask; see --quality-tokens)."""
     aux = [x for x in aux if x is not None]
     if not aux or "router_logits" not in aux[0]:
         return {}
@@ -190,7 +193,8 @@ def router_losses(aux, token_mask, cfg, quality=None):
         terms["z"] = cfg.router_z_loss_coef * losses.router_z_loss(logits, token_mask)
     if getattr(cfg, "quality_gate", False) and "gate_logits" in aux[0]:  # Select-MoE gate, when present
         labels = torch.tensor(quality, device=token_mask.device) if cfg.quality_loss_type == "bce" else None
-        q = losses.quality_loss([x["gate_logits"] for x in aux], token_mask, cfg.quality_loss_type,
+        qmask = token_mask if quality_mask is None else quality_mask
+        q = losses.quality_loss([x["gate_logits"] for x in aux], qmask, cfg.quality_loss_type,
                                 cfg.sample_wise_averaging, labels, cfg.beta_target_mean, cfg.beta_target_var,
                                 cfg.w_mean, cfg.w_var, cfg.lambda_var)
         terms["quality"] = cfg.router_aux_loss_coef * cfg.quality_loss_weight * q
@@ -400,6 +404,8 @@ def main(argv=None):
         cfg.sample_wise_averaging = args.sample_wise
     if args.warmup:  # Select-MoE stage 1: only the quality gates and the routers learn
         n_train = selection.freeze_for_warmup(model)
+        log(f"warm-up: quality loss {args.quality_loss} (weight {args.quality_loss_weight:g}) over "
+            f"{args.quality_tokens} tokens")
         if not args.adapter_path:
             log("warning: --warmup on fresh experts: they are all the base FFN, so routing means little "
                 "(select_moe.md sec. 8); warm up a trained MixLoRA adapter with --adapter-path")
@@ -528,10 +534,15 @@ def main(argv=None):
                 else:
                     task = losses.lm_loss(out.logits, b["targets"].to(device)[tmask], "sum") / count
                 token_mask = b["attention_mask"].to(device).reshape(-1).bool()           # (N,)
+                # NOTE: the reference trains the quality gate on all valid tokens; with --quality-tokens
+                # answer only the positions that predict an answer token count: a bad response leaves
+                # the prompt tokens unchanged, so per-sample labels on them are pure label noise.
+                qmask = selection.quality_token_mask(b, args.quality_tokens).to(device).reshape(-1)  # (N,)
                 # router terms are per micro-batch statistics, weighted by its share of the examples
                 # (the reference divides by the accumulation steps: the same for equal micro-batches)
                 extra = {k: v * len(b["last"]) / args.batch_size
-                         for k, v in router_losses(out.aux, token_mask, model.adapter_config, b["quality"]).items()}
+                         for k, v in router_losses(out.aux, token_mask, model.adapter_config, b["quality"],
+                                                     qmask).items()}
                 loss = task + sum(extra.values())
                 loss.backward()
                 for k, v in {"task": task, **extra}.items():
