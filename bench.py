@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llama
+import losses
 
 B, T = 4, 256                 # training / forward batch
 PROMPT, NEW = 64, 64          # generation: prompt length, new tokens
@@ -135,22 +136,6 @@ def adapter_config(method, dropout):
                                   top_k=2, routing_strategy=method)
 
 
-def router_loss(aux, cfg):
-    """The router terms train.py adds for a MixLoRA adapter (0 for LoRA/DoRA)."""
-    import losses
-    aux = [a for a in aux if a is not None]
-    if not aux:
-        return 0.0
-    z = [a["router_logits"] for a in aux]                                   # L x (N,E)
-    if cfg.routing_strategy == "mixlora":
-        lb = losses.load_balancing_loss(z, None, cfg.top_k)
-    elif cfg.routing_strategy == "mixlora-dynamic":
-        lb = losses.dynamic_load_balancing_loss(z, None, cfg.top_p, cfg.temperature)
-    else:
-        lb = losses.switch_aux_loss(z, None) + cfg.router_z_loss_coef * losses.router_z_loss(z, None)
-    return cfg.router_aux_loss_coef * lb
-
-
 def train_step_fn(model, ids, answer_only):
     """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:]."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -164,7 +149,8 @@ def train_step_fn(model, ids, answer_only):
     def step():
         out = model(x, logits_mask=mask)
         logits = out.logits.reshape(-1, out.logits.shape[-1])               # (B*T,V) or (M,V)
-        loss = F.cross_entropy(logits.float(), targets) + router_loss(out.aux, model.adapter_config)
+        loss = F.cross_entropy(logits.float(), targets) + sum(losses.adapter_losses(
+            out.aux, None, model.adapter_config).values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -326,6 +326,37 @@ def total_loss(ce, lb=None, z=None, quality=None, router_aux_loss_coef=ROUTER_AU
     return loss
 
 
+def adapter_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
+    """The auxiliary terms of an adapter, each already multiplied by its coefficient, as a dict for logging:
+    the router terms of the adapter's strategy (mixlora.md section 5: "aux" = load balancing / switch aux,
+    "z") and the Select-MoE quality term ("quality" = coef * quality_loss_weight * L_q), as total_loss
+    combines them. aux: the model's per-layer outputs (None for plain layers: no terms); cfg: the adapter
+    config (routing_strategy, coefficients, quality settings); token_mask (N,) or None; quality: the
+    micro-batch's per-sample labels (bce only); quality_mask: the (N,) tokens L_q averages over (default
+    token_mask; train.py's --quality-tokens)."""
+    aux = [x for x in aux if x is not None]
+    if not aux or "router_logits" not in aux[0]:
+        return {}
+    logits = [x["router_logits"] for x in aux]                                   # L x (N,E)
+    strategy = cfg.routing_strategy
+    if strategy == "mixlora":
+        lb = load_balancing_loss(logits, token_mask, cfg.top_k)
+    elif strategy == "mixlora-dynamic":
+        lb = dynamic_load_balancing_loss(logits, token_mask, cfg.top_p, cfg.temperature)
+    else:
+        lb = switch_aux_loss(logits, token_mask)
+    terms = {"aux": cfg.router_aux_loss_coef * lb}
+    if cfg.router_z_loss_coef:
+        terms["z"] = cfg.router_z_loss_coef * router_z_loss(logits, token_mask)
+    if getattr(cfg, "quality_gate", False) and "gate_logits" in aux[0]:  # Select-MoE gate, when present
+        labels = torch.tensor(quality, device=logits[0].device) if cfg.quality_loss_type == "bce" else None
+        qmask = token_mask if quality_mask is None else quality_mask
+        q = quality_loss([x["gate_logits"] for x in aux], qmask, cfg.quality_loss_type, cfg.sample_wise_averaging,
+                         labels, cfg.beta_target_mean, cfg.beta_target_var, cfg.w_mean, cfg.w_var, cfg.lambda_var)
+        terms["quality"] = cfg.router_aux_loss_coef * cfg.quality_loss_weight * q
+    return terms
+
+
 # ----------------------------------------------------------------------------------------------------
 # Demo
 

@@ -134,7 +134,7 @@ selection.add_selection_args(parser)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers: data sources, router losses, evaluation, atomic saving
+# Helpers: data sources, evaluation, atomic saving
 
 
 def subsample(items, n, seed):
@@ -171,34 +171,6 @@ def load_sources(args, tok):
     if "cls" in kinds and len(kinds) > 1:
         raise ValueError("classification data cannot be mixed with language-modelling data or tasks")
     return train, evals
-
-
-def router_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
-    """The router terms of the adapter's strategy, with their coefficients (mixlora.md section 5), and
-    the Select-MoE quality term; quality: the micro-batch's per-sample labels (for the bce loss);
-    quality_mask: the (N,) tokens L_q averages over (default token_mask; see --quality-tokens)."""
-    aux = [x for x in aux if x is not None]
-    if not aux or "router_logits" not in aux[0]:
-        return {}
-    logits = [x["router_logits"] for x in aux]                                   # L x (N,E)
-    strategy = cfg.routing_strategy
-    if strategy == "mixlora":
-        lb = losses.load_balancing_loss(logits, token_mask, cfg.top_k)
-    elif strategy == "mixlora-dynamic":
-        lb = losses.dynamic_load_balancing_loss(logits, token_mask, cfg.top_p, cfg.temperature)
-    else:
-        lb = losses.switch_aux_loss(logits, token_mask)
-    terms = {"aux": cfg.router_aux_loss_coef * lb}
-    if cfg.router_z_loss_coef:
-        terms["z"] = cfg.router_z_loss_coef * losses.router_z_loss(logits, token_mask)
-    if getattr(cfg, "quality_gate", False) and "gate_logits" in aux[0]:  # Select-MoE gate, when present
-        labels = torch.tensor(quality, device=token_mask.device) if cfg.quality_loss_type == "bce" else None
-        qmask = token_mask if quality_mask is None else quality_mask
-        q = losses.quality_loss([x["gate_logits"] for x in aux], qmask, cfg.quality_loss_type,
-                                cfg.sample_wise_averaging, labels, cfg.beta_target_mean, cfg.beta_target_var,
-                                cfg.w_mean, cfg.w_var, cfg.lambda_var)
-        terms["quality"] = cfg.router_aux_loss_coef * cfg.quality_loss_weight * q
-    return terms
 
 
 def load_summary(load):
@@ -541,7 +513,7 @@ def main(argv=None):
                 # router terms are per micro-batch statistics, weighted by its share of the examples
                 # (the reference divides by the accumulation steps: the same for equal micro-batches)
                 extra = {k: v * len(b["last"]) / args.batch_size
-                         for k, v in router_losses(out.aux, token_mask, model.adapter_config, b["quality"],
+                         for k, v in losses.adapter_losses(out.aux, token_mask, model.adapter_config, b["quality"],
                                                      qmask).items()}
                 loss = task + sum(extra.values())
                 loss.backward()
