@@ -2,7 +2,8 @@
 
 One command, every method in one run, each figure the median of `--repeats` timed runs after one warm-up:
 
-    python bench.py --model PATH [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32] [--json FILE]
+    python bench.py --model PATH [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32]
+                    [--linear onednn|mkl] [--json FILE]
 
 How to read the table. First the machine's measured matmul peak (a 2048^3 matmul in the compute dtype,
 GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fraction of that peak.
@@ -110,9 +111,10 @@ class PeakMemory:
 
 
 def matmul_peak(device, dtype, repeats, n=2048):
-    """Measured matmul throughput in GFLOP/s: 2 n^3 / median time of an (n,n) @ (n,n) product."""
+    """Measured matmul throughput in GFLOP/s: 2 n^3 / median time of an (n,n) x (n,n) product, through
+    llama.linear (the path the model's layers take: oneDNN or MKL on CPU, see --linear)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / statistics.median(timed(lambda: a @ b, max(repeats, 5), device)) / 1e9
+    return 2 * n**3 / statistics.median(timed(lambda: llama.linear(a, b), max(repeats, 5), device)) / 1e9
 
 
 def forward_flops(model, batch, seq):
@@ -140,17 +142,16 @@ def train_step_fn(model, ids, answer_only):
     """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:]."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x, y = ids[:, :-1], ids[:, 1:]                                          # (B,T) each
-    mask = None
+    mask = torch.ones_like(x, dtype=torch.bool)
     if answer_only:
-        mask = torch.zeros_like(x, dtype=torch.bool)
-        mask[:, -ANSWER:] = True                                            # (B,T) M = B * ANSWER
-    targets = y.reshape(-1) if mask is None else y[mask]                    # (B*T,) or (M,)
+        mask[:, :-ANSWER] = False                                           # (B,T) M = B * ANSWER
+    targets = y[mask]                                                       # (M,)
+    no_head = torch.zeros_like(mask)                                        # the loss applies the LM head
 
     def step():
-        out = model(x, logits_mask=mask)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])               # (B*T,V) or (M,V)
-        loss = F.cross_entropy(logits.float(), targets) + sum(losses.adapter_losses(
-            out.aux, None, model.adapter_config).values())
+        out = model(x, logits_mask=no_head)
+        ce = losses.lm_loss_from_hidden(out.hidden[mask], model.lm_head.weight, targets, "mean")
+        loss = ce + sum(losses.adapter_losses(out.aux, None, model.adapter_config).values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -296,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=list(llama.DTYPES), help="weights and compute dtype")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="LoRA dropout of the adapter rows (PEFT's default 0; train.py's 0.05 adds the masks' RNG cost)")
+    ap.add_argument("--linear", default="onednn", choices=["onednn", "mkl"],
+                    help="CPU fp32 matmul library behind llama.linear (mkl = torch's default F.linear)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)
@@ -306,12 +309,13 @@ def main(argv=None):
             raise ValueError("--device cuda: CUDA is not available")
         if not os.path.exists(os.path.join(args.model, "config.json")):
             raise FileNotFoundError(f"{args.model}: no config.json (expected a Hugging Face checkpoint folder)")
+        llama.ONEDNN = llama.ONEDNN and args.linear == "onednn"
         bench = Bench(args)
         dev = bench.device
         peak32 = matmul_peak(dev, torch.float32, args.repeats)
         bench.peak = peak32 if bench.dtype == torch.float32 else matmul_peak(dev, bench.dtype, args.repeats)
         header = (f"# {args.model} | {args.device} {args.dtype} | {torch.get_num_threads()} threads | torch "
-                  f"{torch.__version__} | fp32 matmul peak {peak32:.1f} GFLOP/s"
+                  f"{torch.__version__} | linear {'onednn' if llama.ONEDNN else 'mkl'} | fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
                   + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")
         only = [p for p in args.only.split(",") if p]

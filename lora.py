@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from llama import linear
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_KEYS = ("lora_", "magnitude", "moe_gate", "quality_gate", "score")  # see mark_trainable
 PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> our module tree
@@ -159,7 +161,7 @@ class LoRALinear(nn.Module):
         A, B, s, b = self.lora_A, self.lora_B, self.scaling, self.base.bias
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         h = F.linear(self.dropout(x2).to(A.dtype), A)  # (N, r)
-        y = F.linear(x2, self.base.weight, None if self.use_dora else b)  # (N, d_out) W0 x (+ b for LoRA)
+        y = linear(x2, self.base.weight, None if self.use_dora else b)  # (N, d_out) W0 x (+ b for LoRA)
         # y += s * h B^T in place: a matmul's backward never needs its output, so autograd allows it, and
         # on CPU each fresh (N, d_out) temporary costs page faults (measured: ~25% of a LoRA layer's time).
         # y is 2-D and not a view, so the backward needs no CopySlices clone either.

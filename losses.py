@@ -4,7 +4,8 @@ losses.py: every loss of the project, as pure functions returning scalar tensors
     router losses     load_balancing_loss, dynamic_load_balancing_loss, switch_aux_loss,
                       router_z_loss                  (MixLoRA / MoE-PEFT, Switch, ST-MoE)
     quality losses    quality_loss(kind=...)          (Select-MoE quality gate)
-    task losses       lm_loss, classification_loss    (next-token CE; sequence classification)
+    task losses       lm_loss, lm_loss_from_hidden,   (next-token CE, the second fused with the LM head;
+                      classification_loss             sequence classification)
     combination       total_loss                      CE + aux_coef * (LB + w_q * L_q) + z_coef * Z
 
 References: Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, sec. 2.2 eq. 4-6), ST-MoE
@@ -24,6 +25,8 @@ Shape legend: B batch, T time, N = B*T tokens, L layers, E experts, K top-k, V v
 
 import torch
 import torch.nn.functional as F
+
+from llama import linear
 
 # Reference defaults (MoE-PEFT `MixLoraConfig`): 0.001 in code for both coefficients.
 # The MixLoRA paper text and the README examples say 1e-2 (the paper's Table 9 ablation favours 1e-3).
@@ -284,6 +287,64 @@ def lm_loss(logits, targets, reduction="sum"):
     weighs every token equally), "mean" or "none".
     """
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction=reduction)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, t_i) over (M, D) rows h, chunk by chunk: the (M, V) logits never exist at once.
+
+    For a chunk, z = h W^T (c, V) fp32, m = max_v z, e = exp(z - m) (in place of z), s = sum_v e:
+        loss_i = m_i + log s_i - z_i[t_i]
+        dL/dz = e / s - onehot(t),  so  dL/dh = (e W) / s - W[t]  and  dL/dW = e^T (h / s) - onehot(t)^T h
+    The gradient is known in the forward, so it is formed there and the backward only scales it by the
+    incoming scalar; dividing by s and subtracting the one-hot happen on (c, D) tensors, not (c, V). This
+    is the "fused linear cross-entropy" of Liger Kernel (Hsu et al. 2024) and Cut Cross-Entropy (Wijmans
+    et al. 2024): on a 49k vocabulary it replaces ~10 passes over an (M, V) tensor (logits, log-softmax,
+    its gradient, the one-hot) with 4 passes over one (c, V) chunk, which stays in the CPU's L3 cache."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None  # (M, D)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, D)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, t = h[i:i + chunk], targets[i:i + chunk]                 # (c, D), (c,)
+            valid = (t != -100)[:, None]                                 # (c, 1)
+            tc = t.clamp(min=0)                                          # ignored rows: any index
+            z = linear(hc, w).float()                                    # (c, V) logits
+            zt = z.gather(1, tc[:, None])                                # (c, 1) target logit
+            m = z.amax(-1, keepdim=True)                                 # (c, 1)
+            e = z.sub_(m).exp_()                                         # (c, V) exp(z - m), in place of z
+            se = e.sum(-1, keepdim=True)                                 # (c, 1)
+            total += ((m + se.log() - zt) * valid).sum()
+            scale = valid / se                                           # (c, 1) 1/s, 0 on ignored rows
+            if need_h:
+                dh[i:i + chunk] = linear(e.to(w.dtype), w.t()) * scale - w[tc].float() * valid  # (c, D)
+            if need_w:
+                hf = hc.float()
+                dw.addmm_(e.t(), hf * scale).index_add_(0, tc, -hf * valid)  # (V, D)
+        ctx.save_for_backward(dh, dw)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else (dh * grad)), (None if dw is None else (dw * grad)), None, None
+
+
+def lm_loss_from_hidden(hidden, weight, targets, reduction="sum", chunk=128):
+    """lm_loss(hidden @ weight^T, targets) without the (M, V) logits tensor: same value, same gradients.
+
+    hidden (M, D) final normed states at the M positions with a target, weight (V, D) the LM head,
+    targets (M,) long, -100 = ignored; reduction "sum" or "mean" (over non-ignored targets). Rows are
+    processed `chunk` at a time (128 x 49k fp32 = 25 MB). Peak memory falls from ~3 (M, V) tensors to
+    one (chunk, V); test_lm_loss_from_hidden checks loss and gradients against lm_loss."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction={reduction!r}: lm_loss_from_hidden supports 'sum' or 'mean'")
+    total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    if reduction == "mean":
+        total = total / (targets != -100).sum().clamp(min=1)
+    return total.to(hidden.dtype) if hidden.dtype != torch.float32 else total
 
 
 def classification_loss(logits, labels, multi_label=False):

@@ -328,6 +328,33 @@ def test_cli_errors_have_no_traceback(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_linear_onednn_matches_f_linear():
+    """llama.linear (oneDNN on CPU fp32) equals F.linear in value and in every gradient; other dtypes,
+    autocast and ONEDNN=False take F.linear itself."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=g).requires_grad_()
+    w = torch.randn(8, 16, generator=g).requires_grad_()
+    b = torch.randn(8, generator=g).requires_grad_()
+    dy = torch.randn(2, 3, 8, generator=g)
+    got = llama.linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(ref, (x, w, b), dy)):
+        assert_close(a, r, rtol=1e-5, atol=1e-5)
+    frozen = w.detach()                                            # frozen weight: only dx, x not kept
+    assert_close(torch.autograd.grad(llama.linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():                                          # no graph (decoding)
+        assert_close(llama.linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
+    assert llama.linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert llama.linear(x, w, b).dtype == torch.bfloat16      # autocast is honoured, not bypassed
+    old, llama.ONEDNN = llama.ONEDNN, False
+    try:
+        assert torch.equal(llama.linear(x, w, b), ref)
+    finally:
+        llama.ONEDNN = old
+
+
 def test_cli_generates(tmp_path):
     """The demo prints the prompt followed by generated words."""
     write_tiny_checkpoint(tmp_path)
@@ -676,6 +703,30 @@ def test_lm_loss_matches_hand_computed_cross_entropy():
     got = lm_loss(logits.bfloat16(), targets)                    # bf16 logits: computed in fp32
     assert got.dtype == torch.float32
     assert_close(got, scalar(expected), rtol=1e-2, atol=1e-2)
+
+
+def test_lm_loss_from_hidden_matches_lm_loss_on_full_logits():
+    """The chunked linear + cross-entropy equals lm_loss(h W^T) in value (sum, mean, ignored rows, a
+    chunk that does not divide M) and in its gradients for h and W; the hand-worked case gives 3/4, 1/5."""
+    h = torch.tensor([[0.0, LN3], [LN4, 0.0], [5.0, 5.0]])        # W = I: the logits of the test above
+    expected = -math.log(0.75) - math.log(0.2)
+    assert_close(losses.lm_loss_from_hidden(h, torch.eye(2), torch.tensor([1, 1, -100]), chunk=2), scalar(expected))
+    g = torch.Generator().manual_seed(0)
+    M, D, V = 37, 8, 50
+    h = torch.randn(M, D, generator=g).requires_grad_()
+    w = torch.randn(V, D, generator=g).requires_grad_()
+    t = torch.randint(0, V, (M,), generator=g)
+    t[::5] = -100
+    for reduction in ("sum", "mean"):
+        got = losses.lm_loss_from_hidden(h, w, t, reduction, chunk=16)
+        ref = lm_loss(h @ w.t(), t, reduction)
+        assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(torch.autograd.grad(1.7 * got, (h, w)), torch.autograd.grad(1.7 * ref, (h, w))):
+            assert_close(a, r, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert_close(losses.lm_loss_from_hidden(h, w, t), lm_loss(h @ w.t(), t))
+    with pytest.raises(ValueError, match="reduction"):
+        losses.lm_loss_from_hidden(h, w, t, "none")
 
 
 def test_classification_loss_single_and_multi_label():

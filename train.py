@@ -182,12 +182,13 @@ def load_summary(load):
     return f"load {chars} worst {ratio[worst]:.1f}x@L{worst}"
 
 
-def forward(model, batch, device, ctx, need_lm=True):
-    """One forward pass; the LM head only at positions with a target (llama's logits_mask)."""
+def forward(model, batch, device, ctx, head=True):
+    """One forward pass and the target mask (B,T); the LM head only at positions with a target (llama's
+    logits_mask), or nowhere with head=False (training applies it inside losses.lm_loss_from_hidden)."""
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    tmask = batch["targets"].to(device) != data.IGNORE if need_lm else torch.zeros_like(am, dtype=torch.bool)
+    tmask = batch["targets"].to(device) != data.IGNORE
     with ctx:
-        out = model(ids, attention_mask=am, logits_mask=tmask)                   # logits (M,V)
+        out = model(ids, attention_mask=am, logits_mask=tmask if head else torch.zeros_like(tmask))  # logits (M,V)
     return out, tmask
 
 
@@ -410,6 +411,7 @@ def main(argv=None):
 
     # ---- 5. optimiser: AdamW on the adapter parameters only, LoRA+ groups (lr * ratio for lora_B)
     params = [p for p in model.parameters() if p.requires_grad]
+    fused_head = isinstance(model.lm_head, nn.Linear)  # a plain head: the LM loss applies it chunk-wise
     groups = lora_plus_param_groups(model, args.lr, args.lora_plus_ratio, args.weight_decay)
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -497,13 +499,17 @@ def main(argv=None):
                 dist.all_reduce(count)
             terms, loads = {}, []
             for b in batches:
-                out, tmask = forward(model, b, device, ctx, need_lm=kind != "cls")
+                out, tmask = forward(model, b, device, ctx, head=not fused_head)
                 if kind == "cls":
                     last = b["last"].to(device)
                     logits = model.score(out.hidden[torch.arange(len(last)), last].float())  # (B,C)
                     multi = b["labels"].dim() == 2
                     task = losses.classification_loss(logits, b["labels"].to(device), multi) * len(last) / count
-                else:
+                elif fused_head:
+                    with ctx:  # = lm_loss(logits at tmask, ...) without the (M, V) logits tensor
+                        task = losses.lm_loss_from_hidden(out.hidden[tmask], model.lm_head.weight,
+                                                          b["targets"].to(device)[tmask], "sum") / count
+                else:  # an adapter on lm_head itself
                     task = losses.lm_loss(out.logits, b["targets"].to(device)[tmask], "sum") / count
                 token_mask = b["attention_mask"].to(device).reshape(-1).bool()           # (N,)
                 # NOTE: the reference trains the quality gate on all valid tokens; with --quality-tokens
