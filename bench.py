@@ -3,7 +3,7 @@
 One command, every method in one run, each figure the median of `--repeats` timed runs after one warm-up:
 
     python bench.py --model PATH [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32]
-                    [--linear onednn|mkl] [--json FILE]
+                    [--linear onednn|mkl] [--no-keep-freed-memory] [--json FILE]
 
 How to read the table. First the machine's measured matmul peak (a 2048^3 matmul in the compute dtype,
 GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fraction of that peak.
@@ -213,6 +213,7 @@ class Bench:
     def load(self, dtype):
         """Peak RSS of loading, in a fresh interpreter so nothing else is resident."""
         cmd = [sys.executable, os.path.abspath(__file__), "--model", self.args.model, "--load-child", dtype]
+        cmd += ["--no-keep-freed-memory"] if self.args.no_keep_freed_memory else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -299,9 +300,12 @@ def main(argv=None):
                     help="LoRA dropout of the adapter rows (PEFT's default 0; train.py's 0.05 adds the masks' RNG cost)")
     ap.add_argument("--linear", default="onednn", choices=["onednn", "mkl"],
                     help="CPU fp32 matmul library behind llama.linear (mkl = torch's default F.linear)")
+    ap.add_argument("--no-keep-freed-memory", action="store_true",
+                    help="leave glibc's malloc as it is (the tools call llama.keep_freed_memory by default)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)
+    kept = not args.no_keep_freed_memory and llama.keep_freed_memory()
     try:
         if args.load_child:
             return load_child(args.model, args.load_child)
@@ -315,7 +319,8 @@ def main(argv=None):
         peak32 = matmul_peak(dev, torch.float32, args.repeats)
         bench.peak = peak32 if bench.dtype == torch.float32 else matmul_peak(dev, bench.dtype, args.repeats)
         header = (f"# {args.model} | {args.device} {args.dtype} | {torch.get_num_threads()} threads | torch "
-                  f"{torch.__version__} | linear {'onednn' if llama.ONEDNN else 'mkl'} | fp32 matmul peak {peak32:.1f} GFLOP/s"
+                  f"{torch.__version__} | linear {'onednn' if llama.ONEDNN else 'mkl'} | keep freed memory {kept} | "
+                  f"fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
                   + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")
         only = [p for p in args.only.split(",") if p]
