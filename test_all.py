@@ -355,6 +355,33 @@ def test_linear_onednn_matches_f_linear():
         llama.ONEDNN = old
 
 
+KEEP_FREED_PROBE = """
+import sys, torch, llama
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+applied = llama.keep_freed_memory() if sys.argv[1] == "keep" else False
+before = rss_mb()
+x = torch.ones(64 * 2**20 // 4)                 # 64 MB, above glibc's mmap threshold
+del x
+print(applied, rss_mb() - before)
+"""
+
+
+def test_keep_freed_memory_keeps_large_blocks_resident():
+    """After llama.keep_freed_memory a freed 64 MB tensor stays in the process for reuse; without it
+    glibc unmaps it at once (that is the page-faulting it avoids)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc")
+    out = {}
+    for mode in ("keep", "default"):
+        r = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], capture_output=True, text=True, cwd=HERE)
+        applied, grown = r.stdout.split()
+        out[mode] = (applied == "True", float(grown))
+    if not out["keep"][0]:
+        pytest.skip("not glibc: mallopt is not available")
+    assert out["keep"][1] > 50 and out["default"][1] < 10, out
+
+
 def test_cli_generates(tmp_path):
     """The demo prints the prompt followed by generated words."""
     write_tiny_checkpoint(tmp_path)
