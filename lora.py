@@ -161,7 +161,9 @@ class LoRALinear(nn.Module):
         A, B, s, b = self.lora_A, self.lora_B, self.scaling, self.base.bias
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         h = F.linear(self.dropout(x2).to(A.dtype), A)  # (N, r)
-        y = linear(x2, self.base.weight, None if self.use_dora else b)  # (N, d_out) W0 x (+ b for LoRA)
+        # (N, d_out) W0 x + b for LoRA: the wrapped layer itself, so LoRA at init is exactly a no-op;
+        # W0 x for DoRA (its bias is added after the rescaling)
+        y = linear(x2, self.base.weight) if self.use_dora else self.base(x2)
         # y += s * h B^T in place: a matmul's backward never needs its output, so autograd allows it, and
         # on CPU each fresh (N, d_out) temporary costs page faults (measured: ~25% of a LoRA layer's time).
         # y is 2-D and not a view, so the backward needs no CopySlices clone either.

@@ -1557,9 +1557,10 @@ def sft_rows(n=24):
 
 
 def run(ckpt, out, *extra):
-    """train.main with small, deterministic defaults."""
+    """train.main with small, deterministic defaults (on the CPU in fp32: bf16 autocast on a GPU is not
+    bit-reproducible from run to run, and these tests compare runs)."""
     return train.main(["--model", ckpt, "--out", str(out), "--r", "4", "--num-experts", "4", "--lr", "1e-3",
-                       "--no-eval-before", "--log-every", "100", *extra])
+                       "--no-eval-before", "--log-every", "100", "--device", "cpu", *extra])
 
 
 def saved_adapter_tensors(folder):
@@ -1690,7 +1691,7 @@ def test_classification_heads(ckpt, tmp_path):
     h = run(ckpt, out, "--data", single, "--eval-data", single, "--adapter", "lora", "--steps", "3", "--batch-size", "6")
     assert set(h["eval"][-1][os.path.basename(single)]) >= {"accuracy", "f1", "mcc", "chance", "majority"}
     assert saved_adapter_tensors(out / "last")["base_model.model.score.weight"].shape == (2, 32)
-    again = train.main(["--model", ckpt, "--data", single, "--eval-data", single, "--eval-only",
+    again = train.main(["--model", ckpt, "--data", single, "--eval-data", single, "--eval-only", "--device", "cpu",
                         "--adapter-path", str(out / "last")])["eval"]
     assert again == h["eval"][-1]
     multi = write_jsonl(tmp_path / "m.jsonl", [{"sentence": w, "label": [i % 3, 3]} for i, w in enumerate(words * 2)])
@@ -1762,7 +1763,7 @@ def test_ddp_equivalence(ckpt, tmp_path):
     d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
     argv = ["--model", ckpt, "--data", d, "--steps", "3", "--batch-size", "8", "--micro-batch-size", "2",
             "--lora-dropout", "0", "--router-aux-loss-coef", "0", "--r", "4", "--num-experts", "4",
-            "--lr", "1e-3", "--no-eval-before", "--log-every", "100"]
+            "--lr", "1e-3", "--no-eval-before", "--log-every", "100", "--device", "cpu"]  # gloo, even beside a GPU
     one = train.main(argv + ["--out", str(tmp_path / "one")])["loss"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -2083,7 +2084,7 @@ def test_train_warmup_score_select_commands(tmp_path):
     recs = alpaca_file(tmp_path / "d.json", 16)
     ck, d = str(tmp_path / "ckpt"), str(tmp_path / "d.json")
     common = ["--model", ck, "--data", d, "--r", "4", "--num-experts", "4", "--max-len", "32", "--batch-size", "4",
-              "--no-eval-before", "--dtype", "float32"]
+              "--no-eval-before", "--dtype", "float32", "--device", "cpu"]
     train.main(common + ["--out", str(tmp_path / "base"), "--steps", "1"])
     base = load_file_tensors(tmp_path / "base" / "last")
     train.main(common + ["--out", str(tmp_path / "warm"), "--steps", "2", "--lr", "1e-2", "--warmup",

@@ -318,6 +318,8 @@ def main(argv=None):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
+        if device.index is None:  # "--device cuda": this process's GPU (set_device needs an index)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         cores = os.cpu_count() or 1
