@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 import llama
 import losses
 
@@ -112,9 +113,9 @@ class PeakMemory:
 
 def matmul_peak(device, dtype, repeats, n=2048):
     """Measured matmul throughput in GFLOP/s: 2 n^3 / median time of an (n,n) x (n,n) product, through
-    llama.linear (the path the model's layers take: oneDNN or MKL on CPU, see --linear)."""
+    kernels.linear (the path the model's layers take: oneDNN or MKL on CPU, see --linear)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / statistics.median(timed(lambda: llama.linear(a, b), max(repeats, 5), device)) / 1e9
+    return 2 * n**3 / statistics.median(timed(lambda: kernels.linear(a, b), max(repeats, 5), device)) / 1e9
 
 
 def forward_flops(model, batch, seq):
@@ -299,13 +300,13 @@ def main(argv=None):
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="LoRA dropout of the adapter rows (PEFT's default 0; train.py's 0.05 adds the masks' RNG cost)")
     ap.add_argument("--linear", default="onednn", choices=["onednn", "mkl"],
-                    help="CPU fp32 matmul library behind llama.linear (mkl = torch's default F.linear)")
+                    help="CPU fp32 matmul library behind kernels.linear (mkl = torch's default F.linear)")
     ap.add_argument("--no-keep-freed-memory", action="store_true",
-                    help="leave glibc's malloc as it is (the tools call llama.keep_freed_memory by default)")
+                    help="leave glibc's malloc as it is (the tools call kernels.keep_freed_memory by default)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)
-    kept = not args.no_keep_freed_memory and llama.keep_freed_memory()
+    kept = not args.no_keep_freed_memory and kernels.keep_freed_memory()
     try:
         if args.load_child:
             return load_child(args.model, args.load_child)
@@ -313,13 +314,13 @@ def main(argv=None):
             raise ValueError("--device cuda: CUDA is not available")
         if not os.path.exists(os.path.join(args.model, "config.json")):
             raise FileNotFoundError(f"{args.model}: no config.json (expected a Hugging Face checkpoint folder)")
-        llama.ONEDNN = llama.ONEDNN and args.linear == "onednn"
+        kernels.ONEDNN = kernels.ONEDNN and args.linear == "onednn"
         bench = Bench(args)
         dev = bench.device
         peak32 = matmul_peak(dev, torch.float32, args.repeats)
         bench.peak = peak32 if bench.dtype == torch.float32 else matmul_peak(dev, bench.dtype, args.repeats)
         header = (f"# {args.model} | {args.device} {args.dtype} | {torch.get_num_threads()} threads | torch "
-                  f"{torch.__version__} | linear {'onednn' if llama.ONEDNN else 'mkl'} | keep freed memory {kept} | "
+                  f"{torch.__version__} | linear {'onednn' if kernels.ONEDNN else 'mkl'} | keep freed memory {kept} | "
                   f"fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
                   + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llama import linear
+from kernels import linear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_KEYS = ("lora_", "magnitude", "moe_gate", "quality_gate", "score")  # see mark_trainable

@@ -26,7 +26,7 @@ Shape legend: B batch, T time, N = B*T tokens, L layers, E experts, K top-k, V v
 import torch
 import torch.nn.functional as F
 
-from llama import linear
+from kernels import linear
 
 # Reference defaults (MoE-PEFT `MixLoraConfig`): 0.001 in code for both coefficients.
 # The MixLoRA paper text and the README examples say 1e-2 (the paper's Table 9 ablation favours 1e-3).

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import lora
-from llama import linear
+from kernels import linear
 from losses import QUALITY_LOSS_KINDS
 from routers import STRATEGIES, Router, check_router_config
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
+import kernels
 import llama
 import lora
 import losses
@@ -329,37 +330,37 @@ def test_cli_errors_have_no_traceback(tmp_path):
 
 
 def test_linear_onednn_matches_f_linear():
-    """llama.linear (oneDNN on CPU fp32) equals F.linear in value and in every gradient; other dtypes,
+    """kernels.linear (oneDNN on CPU fp32) equals F.linear in value and in every gradient; other dtypes,
     autocast and ONEDNN=False take F.linear itself."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, generator=g).requires_grad_()
     w = torch.randn(8, 16, generator=g).requires_grad_()
     b = torch.randn(8, generator=g).requires_grad_()
     dy = torch.randn(2, 3, 8, generator=g)
-    got = llama.linear(x, w, b)
+    got = kernels.linear(x, w, b)
     ref = F.linear(x, w, b)
     assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(ref, (x, w, b), dy)):
         assert_close(a, r, rtol=1e-5, atol=1e-5)
     frozen = w.detach()                                            # frozen weight: only dx, x not kept
-    assert_close(torch.autograd.grad(llama.linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
+    assert_close(torch.autograd.grad(kernels.linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
     with torch.no_grad():                                          # no graph (decoding)
-        assert_close(llama.linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
-    assert llama.linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+        assert_close(kernels.linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
+    assert kernels.linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert llama.linear(x, w, b).dtype == torch.bfloat16      # autocast is honoured, not bypassed
-    old, llama.ONEDNN = llama.ONEDNN, False
+        assert kernels.linear(x, w, b).dtype == torch.bfloat16      # autocast is honoured, not bypassed
+    old, kernels.ONEDNN = kernels.ONEDNN, False
     try:
-        assert torch.equal(llama.linear(x, w, b), ref)
+        assert torch.equal(kernels.linear(x, w, b), ref)
     finally:
-        llama.ONEDNN = old
+        kernels.ONEDNN = old
 
 
 KEEP_FREED_PROBE = """
-import sys, torch, llama
+import sys, torch, kernels
 def rss_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-applied = llama.keep_freed_memory() if sys.argv[1] == "keep" else False
+applied = kernels.keep_freed_memory() if sys.argv[1] == "keep" else False
 before = rss_mb()
 x = torch.ones(64 * 2**20 // 4)                 # 64 MB, above glibc's mmap threshold
 del x
@@ -368,7 +369,7 @@ print(applied, rss_mb() - before)
 
 
 def test_keep_freed_memory_keeps_large_blocks_resident():
-    """After llama.keep_freed_memory a freed 64 MB tensor stays in the process for reuse; without it
+    """After kernels.keep_freed_memory a freed 64 MB tensor stays in the process for reuse; without it
     glibc unmaps it at once (that is the page-faulting it avoids)."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux /proc")
