@@ -1,6 +1,7 @@
 """Speed and memory benchmark: the base model, generation, loading and the adapters, side by side.
 
-One command, every method in one run, each figure the median of `--repeats` timed runs after one warm-up:
+One command, every method in one run. Every row is prepared first, then the rows are timed in turns
+(one call of each per round, a warm-up round, then `--repeats` rounds) and each figure is the median:
 
     python bench.py --model PATH [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32]
                     [--linear onednn|mkl] [--no-keep-freed-memory] [--json FILE]
@@ -24,13 +25,15 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
     train-lora-answer16   the LoRA step with targets only at the last 16 tokens of each row, so the LM head
                           runs on 64 positions instead of 1024 (llama's logits_mask); "x" = speed-up.
     eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
-The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the timed runs,
-above what was in use when the row started (model weights excluded).
+The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the row's warm-up
+call, above what was in use when it started (model weights excluded; on the CPU freed memory is handed
+back to the OS first, so a row is not credited with memory that earlier rows freed).
 
 Results and the machine they were measured on are in the README; the transformers comparison of issue 2
 was measured outside the project (the project never imports transformers).
 """
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -81,6 +84,15 @@ def proc_status_kb(key):
             return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
     except (OSError, AttributeError):
         return None
+
+
+def release_freed_memory():
+    """glibc malloc_trim: return freed heap memory to the OS, so that the next PeakMemory on the CPU
+    counts what a row itself allocates, not memory that earlier rows freed (kept by keep_freed_memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:
@@ -163,53 +175,60 @@ def train_step_fn(model, ids, answer_only):
 # The rows. Each returns a dict: tok_s, ms, gflops, peak_mb, extra fields for the notes.
 
 class Bench:
+    """Every timed row is prepared first (its model built and kept), then the rows are timed in turns:
+    one call of each row per round, `repeats` rounds after a warm-up round. On a shared machine whose
+    speed drifts by 10-20% over minutes, interleaving keeps the ratios between rows (step / forward,
+    DoRA / LoRA) fair: every row sees the same slow and fast moments."""
+
     def __init__(self, args):
         self.args, self.device, self.dtype = args, torch.device(args.device), llama.DTYPES[args.dtype]
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, 49152, (B, T + 1), generator=g)        # (B,T+1) random tokens
         self.prompt = torch.randint(0, 49152, (1, PROMPT), generator=g)     # (1,PROMPT)
-        self.cached = (None, None)                                          # (method, model): one at a time
+        self.models = {}                                                    # method -> model, kept
         self.peak = None
 
     def model(self, method="base"):
-        """The base model, or a fresh one with `method`'s adapter injected (one model kept at a time)."""
-        if self.cached[0] != method:
-            self.cached = (None, None)
+        """The base model, or one with `method`'s adapter injected (built once per method)."""
+        if method not in self.models:
             m = llama.from_pretrained(self.args.model, dtype=self.dtype, device=self.device)
             if method != "base":
                 import moe_lora
                 moe_lora.inject_adapter(m, adapter_config(method, self.args.lora_dropout))
-            self.cached = (method, m)
-        ids = self.ids.clamp(max=self.cached[1].config.vocab_size - 1).to(self.device)
-        return self.cached[1], ids
+            self.models[method] = m
+        m = self.models[method]
+        return m, self.ids.clamp(max=m.config.vocab_size - 1).to(self.device)
 
-    def run_timed(self, fn, tokens, flops=None):
-        with PeakMemory(self.device) as mem:
-            t = statistics.median(timed(fn, self.args.repeats, self.device))
-        r = {"tok_s": tokens / t, "ms": 1e3 * t, "peak_mb": mem.mb}
-        if flops:
-            r["gflops"] = flops / t / 1e9
-            r["pct_peak"] = 100 * r["gflops"] / self.peak
-        return r
+    # Each prepare_* returns (fn, tokens per call, FLOPs per call or None, extra fields).
 
-    def forward(self, method="base"):
+    def prepare_forward(self, method="base"):
         model, ids = self.model(method)
-        model.eval()
         x = ids[:, :-1]
-        with torch.inference_mode():
-            return self.run_timed(lambda: model(x), x.numel(), forward_flops(model, B, T))
 
-    def generate(self, use_cache):
+        def fn():
+            model.eval()
+            with torch.inference_mode():
+                model(x)
+        return fn, x.numel(), forward_flops(model, B, T), {}
+
+    def prepare_generate(self, use_cache):
         model, _ = self.model()
         p = self.prompt.clamp(max=model.config.vocab_size - 1).to(self.device)
-        r = self.run_timed(lambda: llama.generate(model, p, NEW, use_cache=use_cache), NEW)
-        r["ms_per_token"] = r["ms"] / NEW
-        return r
 
-    def train(self, method, answer_only=False):
+        def fn():
+            model.eval()
+            with torch.inference_mode():
+                llama.generate(model, p, NEW, use_cache=use_cache)
+        return fn, NEW, None, {}
+
+    def prepare_train(self, method, answer_only=False):
         model, ids = self.model(method)
-        model.train()
-        return self.run_timed(train_step_fn(model, ids, answer_only), B * T, 2 * forward_flops(model, B, T))
+        step = train_step_fn(model, ids, answer_only)
+
+        def fn():
+            model.train()
+            step()
+        return fn, B * T, 2 * forward_flops(model, B, T), {}
 
     def load(self, dtype):
         """Peak RSS of loading, in a fresh interpreter so nothing else is resident."""
@@ -219,17 +238,61 @@ class Bench:
         return json.loads(out.strip().splitlines()[-1])
 
     def rows(self):
-        """(name, thunk) in run order; rows of one adapter are adjacent so its model is built once."""
-        rows = [("forward", self.forward), ("generate-cached", lambda: self.generate(True)),
-                ("generate-uncached", lambda: self.generate(False))]
-        rows += [(f"load-{d}", lambda d=d: self.load(d)) for d in ("float32", "bfloat16")]
+        """(name, prepare) for the interleaved rows, in table order."""
+        rows = [("forward", self.prepare_forward), ("generate-cached", lambda: self.prepare_generate(True)),
+                ("generate-uncached", lambda: self.prepare_generate(False))]
         for m in ADAPTERS:
-            rows.append((f"train-{m}", lambda m=m: self.train(m)))
+            rows.append((f"train-{m}", lambda m=m: self.prepare_train(m)))
             if m == "lora":
-                rows.append(("train-lora-answer16", lambda: self.train("lora", answer_only=True)))
+                rows.append(("train-lora-answer16", lambda: self.prepare_train("lora", answer_only=True)))
             if m in ("lora", "mixlora"):
-                rows.append((f"eval-{m}", lambda m=m: self.forward(m)))
+                rows.append((f"eval-{m}", lambda m=m: self.prepare_forward(m)))
         return rows
+
+    def run(self, only):
+        """Prepare the selected rows, time them in interleaved rounds, then the load rows; {name: result}."""
+        want = lambda name: not only or any(name.startswith(p) for p in only)
+        res, ready = {}, {}
+        for name, prepare in self.rows():
+            if want(name):
+                try:
+                    ready[name] = prepare()
+                except (ImportError, AttributeError, TypeError) as e:  # an adapter API not ready / changed
+                    res[name] = {"skipped": f"{type(e).__name__}: {e}"}
+        times, peaks = {n: [] for n in ready}, {}
+        for rnd in range(self.args.repeats + 1):                         # round 0 is the warm-up
+            for name, (fn, *_) in ready.items():
+                if rnd == 0:
+                    release_freed_memory()  # peak memory is read in round 0, from the live tensors up
+                with PeakMemory(self.device) as mem:
+                    sync(self.device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(self.device)
+                    dt = time.perf_counter() - t0
+                if rnd:
+                    times[name].append(dt)
+                else:
+                    peaks[name] = mem.mb
+            print(f"  round {rnd}/{self.args.repeats} done", file=sys.stderr, flush=True)
+        for name, (fn, tokens, flops, extra) in ready.items():
+            t = statistics.median(times[name])
+            r = {"tok_s": tokens / t, "ms": 1e3 * t, "times_ms": [round(1e3 * x, 1) for x in times[name]], **extra}
+            r["peak_mb"] = peaks[name]
+            if flops:
+                r["gflops"] = flops / t / 1e9
+                r["pct_peak"] = 100 * r["gflops"] / self.peak
+            if name.startswith("generate"):
+                r["ms_per_token"] = r["ms"] / NEW
+            res[name] = r
+        for d in ("float32", "bfloat16"):
+            if want(f"load-{d}"):
+                try:
+                    res[f"load-{d}"] = self.load(d)
+                except subprocess.CalledProcessError as e:
+                    res[f"load-{d}"] = {"skipped": f"load subprocess failed: {e.stderr.strip().splitlines()[-1:]}"}
+        order = [n for n, _ in self.rows()]
+        return dict(sorted(res.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 3))
 
 
 def load_child(path, dtype):
@@ -323,19 +386,9 @@ def main(argv=None):
                   f"{torch.__version__} | linear {'onednn' if kernels.ONEDNN else 'mkl'} | keep freed memory {kept} | "
                   f"fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
-                  + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} | load avg {os.getloadavg()[0]:.1f}")
+                  + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} interleaved rounds | load avg {os.getloadavg()[0]:.1f}")
         only = [p for p in args.only.split(",") if p]
-        res = {}
-        for name, thunk in bench.rows():
-            if only and not any(name.startswith(p) for p in only):
-                continue
-            try:
-                res[name] = thunk()
-            except (ImportError, AttributeError, TypeError) as e:  # an adapter API not ready / changed
-                res[name] = {"skipped": f"{type(e).__name__}: {e}"}
-            except subprocess.CalledProcessError as e:
-                res[name] = {"skipped": f"load subprocess failed: {e.stderr.strip().splitlines()[-1:]}"}
-            print(f"  {name}: done", file=sys.stderr, flush=True)
+        res = bench.run(only)
         add_notes(res)
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")

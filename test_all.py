@@ -383,6 +383,26 @@ def test_keep_freed_memory_keeps_large_blocks_resident():
     assert out["keep"][1] > 50 and out["default"][1] < 10, out
 
 
+def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
+    """bench.py prints and saves every row (interleaved timing, load subprocesses, adapter steps) with the
+    ratios that the README quotes; a missing folder is a one-line error."""
+    write_tiny_checkpoint(tmp_path / "ck", max_position_embeddings=512)  # bench uses 4 x 256
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "ck"), "--repeats", "1",
+                        "--json", str(out)], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(out))["rows"]
+    assert set(rows) == {"forward", "generate-cached", "generate-uncached", "load-float32", "load-bfloat16",
+                         "train-lora", "train-lora-answer16", "eval-lora", "train-dora", "train-mixlora",
+                         "eval-mixlora", "train-mixlora-dynamic", "train-mixlora-switch"}
+    assert all(v["tok_s"] > 0 for k, v in rows.items() if not k.startswith("load"))
+    assert "/fwd" in rows["train-lora"]["note"] and "/LoRA" in rows["train-dora"]["note"]
+    assert rows["load-float32"]["ratio"] > 0
+    bad = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True, cwd=HERE)
+    assert bad.returncode != 0 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_cli_generates(tmp_path):
     """The demo prints the prompt followed by generated words."""
     write_tiny_checkpoint(tmp_path)
