@@ -338,13 +338,14 @@ def lm_loss_from_hidden(hidden, weight, targets, reduction="sum", chunk=512):
     hidden (M, D) final normed states at the M positions with a target, weight (V, D) the LM head,
     targets (M,) long, -100 = ignored; reduction "sum" or "mean" (over non-ignored targets). Rows are
     processed `chunk` at a time (512 x 49k fp32 = 100 MB). Peak memory falls from ~3 (M, V) tensors to
-    one (chunk, V); test_lm_loss_from_hidden_matches_lm_loss_on_full_logits checks loss and gradients against lm_loss."""
+    one (chunk, V). The loss is fp32 whatever the dtype of hidden (as lm_loss). Checked against lm_loss,
+    values and gradients, by test_lm_loss_from_hidden_matches_lm_loss_on_full_logits."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction={reduction!r}: lm_loss_from_hidden supports 'sum' or 'mean'")
     total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
     if reduction == "mean":
         total = total / (targets != -100).sum().clamp(min=1)
-    return total.to(hidden.dtype) if hidden.dtype != torch.float32 else total
+    return total
 
 
 def classification_loss(logits, labels, multi_label=False):

@@ -240,7 +240,7 @@ class ExpertProjection(nn.Module):
 
     def forward(self, x, e, wx=None):
         """Expert e on its tokens x (n, d_in) -> (n, d_out); wx = W0 x when already computed (fast path)."""
-        wx = linear(x, self.weight) if wx is None else wx                 # (n, d_out), no bias yet
+        wx = linear(x, self.weight) if wx is None else wx                   # (n, d_out), no bias yet
         if self.experts:
             h, B = self.low_rank(x, e), self.experts[e].lora_B              # (n, r), (d_out, r)
             if self.use_dora:
@@ -349,8 +349,8 @@ class MixLoRAFFN(nn.Module):
     def fast_forward(self, x, tok, w, counts, wsum):
         """Shared base gate/up once, per-expert LoRA deltas only, base down once on sum_e w_e a_e."""
         # index_select, not x[tok]: its backward is an index_add, several times faster than index_put
-        G = linear(x, self.gate_proj.weight).index_select(0, tok)         # (S, I) W_gate x, gathered once
-        U = linear(x, self.up_proj.weight).index_select(0, tok)           # (S, I)
+        G = linear(x, self.gate_proj.weight).index_select(0, tok)           # (S, I) W_gate x, gathered once
+        U = linear(x, self.up_proj.weight).index_select(0, tok)             # (S, I)
         xs = x.index_select(0, tok)                                         # (S, D)
         h = torch.zeros(x.shape[0], G.shape[1], dtype=G.dtype, device=x.device)  # (N, I) sum_e w_e a_e
         d = []                                                              # down LoRA deltas
@@ -361,7 +361,7 @@ class MixLoRAFFN(nn.Module):
                 h.index_add_(0, t, a.to(h.dtype))                           # autocast: a may be fp32
                 if self.down_proj.experts:  # w s B A drop(a) = s B A drop(w a): a row scale passes dropout
                     d.append(self.down_proj.delta(a, e))                    # (n_e, D)
-        y = linear(h, self.down_proj.weight)                              # (N, D) W_down sum_e w_e a_e
+        y = linear(h, self.down_proj.weight)                                # (N, D) W_down sum_e w_e a_e
         if self.down_proj.bias is not None:
             y = y + wsum[:, None].to(y.dtype) * self.down_proj.bias         # sum_e w_e b
         if d:

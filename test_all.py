@@ -773,6 +773,11 @@ def test_lm_loss_from_hidden_matches_lm_loss_on_full_logits():
             assert_close(a, r, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert_close(losses.lm_loss_from_hidden(h, w, t), lm_loss(h @ w.t(), t))
+    hb = h.detach().bfloat16().requires_grad_()                    # bf16 states: fp32 loss, bf16 gradient
+    got = losses.lm_loss_from_hidden(hb, w.detach().bfloat16(), t)
+    got.backward()
+    assert got.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16
+    assert_close(got, lm_loss(hb.float() @ w.detach().bfloat16().float().t(), t), rtol=2e-2, atol=0.0)
     with pytest.raises(ValueError, match="reduction"):
         losses.lm_loss_from_hidden(h, w, t, "none")
 

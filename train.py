@@ -43,9 +43,9 @@ import torch.nn as nn
 
 import data
 import llama
-from kernels import keep_freed_memory
 import losses
 import selection
+from kernels import keep_freed_memory
 from lora import LoraConfig, lora_plus_param_groups, mark_trainable
 from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
 
@@ -503,7 +503,7 @@ def main(argv=None):
                 dist.all_reduce(count)
             terms, loads = {}, []
             for b in batches:
-                out, tmask = forward(model, b, device, ctx, head=not fused_head)
+                out, tmask = forward(model, b, device, ctx, head=kind != "cls" and not fused_head)
                 if kind == "cls":
                     last = b["last"].to(device)
                     logits = model.score(out.hidden[torch.arange(len(last)), last].float())  # (B,C)
