@@ -44,7 +44,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 import llama

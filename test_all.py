@@ -40,8 +40,8 @@ from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, load_peft_ad
     unmerge_adapters)
 from losses import (classification_loss, dynamic_load_balancing_loss, lm_loss, load_balancing_loss, quality_loss,
     router_z_loss, switch_aux_loss, total_loss)
-from moe_lora import (ExpertProjection, MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
-    router_stats, save_adapter, set_fast_path)
+from moe_lora import (MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
+    router_stats, save_adapter)
 from routers import Router, expert_capacity, switch_weights, top_k_weights, top_p_weights, STRATEGIES
 
 
