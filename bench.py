@@ -22,6 +22,9 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
                           GFLOP/s counts 2x the forward (forward + input gradients through the frozen base;
                           the adapters' own FLOPs are ignored), so it is a lower bound.
                           "/fwd" = step time / base forward time, "/LoRA" = step time / LoRA step time.
+    train-frozen          the same step with no adapter: forward, loss and backward through the frozen model
+                          down to the embeddings' output (no optimizer), the floor under every adapter row:
+                          train-<method> minus train-frozen is what the adapter itself costs.
     train-lora-answer16   the LoRA step with targets only at the last 16 tokens of each row, so the LM head
                           runs on 64 positions instead of 1024 (llama's logits_mask); "x" = speed-up.
     eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
@@ -152,7 +155,8 @@ def adapter_config(method, dropout):
 
 def train_step_fn(model, ids, answer_only):
     """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:]."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None            # none for train-frozen
     x, y = ids[:, :-1], ids[:, 1:]                                          # (B,T) each
     mask = torch.ones_like(x, dtype=torch.bool)
     if answer_only:
@@ -163,10 +167,11 @@ def train_step_fn(model, ids, answer_only):
     def step():
         out = model(x, logits_mask=no_head)
         ce = losses.lm_loss_from_hidden(out.hidden[mask], model.lm_head.weight, targets, "mean")
-        loss = ce + sum(losses.adapter_losses(out.aux, None, model.adapter_config).values())
+        loss = ce + sum(losses.adapter_losses(out.aux, None, getattr(model, "adapter_config", None)).values())
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return step
 
 
@@ -191,7 +196,10 @@ class Bench:
         """The base model, or one with `method`'s adapter injected (built once per method)."""
         if method not in self.models:
             m = llama.from_pretrained(self.args.model, dtype=self.dtype, device=self.device)
-            if method != "base":
+            if method == "frozen":  # no adapter; the backward still runs down to the embeddings' output
+                m.requires_grad_(False)
+                m.model.embed_tokens.register_forward_hook(lambda mod, args, out: out.requires_grad_())
+            elif method != "base":
                 import moe_lora
                 moe_lora.inject_adapter(m, adapter_config(method, self.args.lora_dropout))
             self.models[method] = m
@@ -240,6 +248,7 @@ class Bench:
         """(name, prepare) for the interleaved rows, in table order."""
         rows = [("forward", self.prepare_forward), ("generate-cached", lambda: self.prepare_generate(True)),
                 ("generate-uncached", lambda: self.prepare_generate(False))]
+        rows.append(("train-frozen", lambda: self.prepare_train("frozen")))
         for m in ADAPTERS:
             rows.append((f"train-{m}", lambda m=m: self.prepare_train(m)))
             if m == "lora":
@@ -326,7 +335,7 @@ def add_notes(res):
         if name.startswith("load"):
             parts.append(f"{r['ratio']:.2f}x the {r['weights_mb']:.0f} MB of weights (target <= 1.2)")
         if name.startswith("train") and fwd and "ms" in fwd:
-            parts.append(f"/fwd {r['ms'] / fwd['ms']:.1f}")
+            parts.append(f"/fwd {r['ms'] / fwd['ms']:.2f}")
         if name.startswith("train") and lora and "ms" in lora and name != "train-lora":
             parts.append(f"/LoRA {r['ms'] / lora['ms']:.2f}")
         if name == "train-lora-answer16" and lora and "ms" in lora:

@@ -393,7 +393,7 @@ def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
     assert set(rows) == {"forward", "generate-cached", "generate-uncached", "load-float32", "load-bfloat16",
-                         "train-lora", "train-lora-answer16", "eval-lora", "train-dora", "train-mixlora",
+                         "train-frozen", "train-lora", "train-lora-answer16", "eval-lora", "train-dora", "train-mixlora",
                          "eval-mixlora", "train-mixlora-dynamic", "train-mixlora-switch"}
     assert all(v["tok_s"] > 0 for k, v in rows.items() if not k.startswith("load"))
     assert "/fwd" in rows["train-lora"]["note"] and "/LoRA" in rows["train-dora"]["note"]
@@ -950,6 +950,97 @@ def test_gradients_match_naive_reference(use_dora):
     ((F.linear(x2, V) + layer.base.bias) * w).sum().backward()
     for g, r in zip(ours, [ref[n].grad for n in names] + [x2.grad]):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def graph_node_names(fn):
+    """The class names of every node in an autograd graph, from its output node `fn` down."""
+    names, stack, seen = set(), [fn], set()
+    while stack:
+        f = stack.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            names.add(type(f).__name__)
+            stack.extend(g for g, _ in f.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_fast_path_matches_autograd(use_dora, dropout, bias):
+    """The written-out backward (_LoRAProduct, taken for a frozen base) gives plain autograd's output and
+    gradients for x, A, B and m, with and without dropout (same mask from the same seed) and bias."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 9, bias=bias), r=3, lora_alpha=6, lora_dropout=dropout, use_dora=use_dora)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    names = ["lora_A", "lora_B"] + (["magnitude"] if use_dora else [])
+    x = torch.randn(2, 5, 12)
+    w = torch.randn(2, 5, 9)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same dropout mask both times
+        y = layer(xg)
+        (y * w).sum().backward()
+        grads = [getattr(layer, n).grad.clone() for n in names] + [xg.grad]
+        layer.zero_grad(set_to_none=True)
+        return y.detach(), grads, graph_node_names(y.grad_fn)
+
+    y_fast, g_fast, nodes = run()
+    assert "_LoRAProductBackward" in nodes
+    layer.base.weight.requires_grad_(True)  # a trainable base takes the plain-autograd path
+    y_ref, g_ref, nodes = run()
+    assert "_LoRAProductBackward" not in nodes
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    for n, a, b in zip(names + ["x"], g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_lora_fast_path_skips_unneeded_input_gradient():
+    """When x needs no gradient (the first layer's q/k/v over frozen embeddings) A and B still get theirs."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=4)
+    nn.init.normal_(layer.lora_B)
+    layer(torch.randn(4, 8)).sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p,gaps", [(0.05, None), (0.3, None), (0.05, 64)])
+def test_dropout_positions_are_bernoulli(p, gaps):
+    """Sorted, distinct, in range, and with the statistics of i.i.d. Bernoulli(p): the count, the rate of
+    dropped neighbour pairs (p^2, independence) and of each residue mod 7 (uniformity), each within 6
+    sigma. gaps=64 draws the Geometric gaps 64 at a time, so the "draw further gaps" loop runs."""
+    torch.manual_seed(0)
+    n = 300_000
+    idx = lora.dropout_positions(n, p, gaps=gaps)
+    assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all()) and 0 <= idx[0] and idx[-1] < n
+
+    def within(count, trials, q):
+        assert abs(count - trials * q) < 6 * math.sqrt(trials * q * (1 - q)) + 1, (count, trials * q)
+
+    within(len(idx), n, p)
+    within(int((idx[1:] - idx[:-1] == 1).sum()), n - 1, p * p)
+    for r in range(7):
+        within(int((idx % 7 == r).sum()), n // 7, p)
+
+
+def test_dropout_module_zeroes_drawn_entries():
+    """lora.Dropout on CPU: y = x / (1-p) except 0 at the positions dropout_positions draws from the same
+    seed; the gradient is zeroed at the same entries; eval() and p = 0 return x itself."""
+    drop = lora.Dropout(0.2)
+    x = torch.randn(6, 50, requires_grad=True)
+    torch.manual_seed(3)
+    idx = lora.dropout_positions(x.numel(), 0.2)
+    keep = torch.ones(x.numel())
+    keep[idx] = 0
+    keep = keep.view_as(x) / 0.8
+    torch.manual_seed(3)
+    y = drop(x)
+    torch.testing.assert_close(y, x.detach() * keep, rtol=0, atol=0)
+    g = torch.randn(6, 50)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * keep, rtol=0, atol=0)
+    assert drop.eval()(x) is x and lora.Dropout(0.0)(x) is x
 
 
 def test_eval_makes_dropout_deterministic():
