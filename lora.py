@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels import linear
+from kernels import Dropout, linear, lora_linear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_KEYS = ("lora_", "magnitude", "moe_gate", "quality_gate", "score")  # see mark_trainable
@@ -83,109 +83,6 @@ def lora_scaling(lora_alpha, r, use_rslora=False):
 
 # ----------------------------------------------------------------------------------------------------
 # the layer
-
-
-def dropout_positions(n, p, device=None, gaps=None):
-    """Sorted flat indices (int64) of the entries that dropout zeroes in a tensor of n entries: each one
-    independently with probability p. Drawn as running sums of Geometric(p) gaps between dropped entries,
-    the same Bernoulli process from ~p n random numbers instead of n: on CPU, generating the n-entry mask
-    is what dropout costs (measured ~5 ms for a (1024, 576) input at p = 0.05; bench.py --lora-dropout)."""
-    mean = n * p
-    k = gaps or int(mean + 6 * math.sqrt(mean) + 16)                          # gaps that pass n, almost always
-    pos = torch.empty(k, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).sub_(1)  # 0-based, exact
-    while pos[-1] < n:                                                        # rarely: draw further gaps
-        more = torch.empty(k, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).add_(pos[-1])
-        pos = torch.cat((pos, more))
-    return pos[:int((pos < n).sum())].long()                                  # (~p n,)
-
-
-class _ZeroAt(torch.autograd.Function):
-    """y = keep * x with the entries at flat indices idx set to 0; dx = keep * dy, zeroed at idx alike."""
-
-    @staticmethod
-    def forward(ctx, x, idx, keep):
-        y = (x * keep).contiguous()
-        y.view(-1).index_fill_(0, idx, 0.0)
-        ctx.save_for_backward(idx)
-        ctx.keep = keep
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = (dy * ctx.keep).contiguous()
-        dx.view(-1).index_fill_(0, ctx.saved_tensors[0], 0.0)
-        return dx, None, None
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (same p, same train()/eval() switch): y = x / (1-p) with entries zeroed with probability p.
-    On CPU the zeroed entries come from dropout_positions, ~3x faster than torch's kernel at p = 0.05;
-    elsewhere torch's dropout is already cheap and is used as it is."""
-
-    def positions(self, x):
-        """The flat indices of x to zero now, or None (eval(), p = 0, or not on CPU)."""
-        on = self.training and self.p > 0 and x.device.type == "cpu"
-        return dropout_positions(x.numel(), self.p, x.device) if on else None
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, True)
-        return _ZeroAt.apply(x, self.positions(x), 1.0 / (1.0 - self.p))
-
-
-def _zeroed_at(x, idx):
-    """A contiguous copy of x with the entries at flat indices idx set to 0."""
-    xd = x.clone(memory_format=torch.contiguous_format)
-    xd.view(-1).index_fill_(0, idx, 0.0)
-    return xd
-
-
-class _LoRAProduct(torch.autograd.Function):
-    """y = x W0^T + b + s (xd A^T) B^T on CPU for a frozen W0, b, with the backward written out.
-
-    xd = dropout(x) = keep * x0, where x0 is x with the entries at flat indices idx zeroed (keep = 1/(1-p);
-    idx None: no dropout, keep = 1). Only x is saved; x0 is rebuilt in the backward:
-
-        h  = keep x0 A^T        (N, r)       saved for dB
-        dB = s dy^T h           (d_out, r)
-        dh = s dy B             (N, r)
-        dA = keep dh^T x0       (r, d_in)
-        dx = dy W0 + keep dh A  (N, d_in)    except at idx, where dx = dy W0 (those entries never reached A)
-
-    Plain autograd gives the same numbers with five graph nodes, a saved dropout output, and fresh
-    temporaries for the LoRA terms; here they go into y and dx in place (a temporary plus an add is one
-    more pass over memory), and the dropped entries of dx are restored from a copy of k values rather
-    than masking an (N, d_in) tensor. test_lora_fast_path_matches_autograd checks values and gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W, b, A, B, s, idx, keep):  # x (N, d_in), W (d_out, d_in), idx (k,) or None
-        keep = keep if idx is not None else 1.0
-        h = linear(x if idx is None else _zeroed_at(x, idx), A)           # (N, r) x0 A^T
-        h.mul_(keep)
-        y = linear(x, W, b)                                               # (N, d_out)
-        y.addmm_(h, B.t(), alpha=s)                                       # y += s h B^T, in place
-        ctx.s, ctx.keep = s, keep
-        ctx.save_for_backward(x, h, W, A, B, idx)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # dy (N, d_out)
-        x, h, W, A, B, idx = ctx.saved_tensors
-        dh = linear(dy, B.t() * ctx.s)                                    # (N, r) = s dy B
-        x0 = x if idx is None else _zeroed_at(x, idx)                     # (N, d_in)
-        dA = (dh.t() @ x0).mul_(ctx.keep)                                 # (r, d_in)
-        dB = (dy.t() @ h).mul_(ctx.s)                                     # (d_out, r)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = linear(dy, W.t())                                        # (N, d_in) dy W0
-            kept = dx.view(-1).index_select(0, idx) if idx is not None else None  # (k,) dy W0 there
-            dx.addmm_(dh, A, alpha=ctx.keep)                              # dx += keep dh A, in place
-            if idx is not None:
-                dx.view(-1).index_copy_(0, idx, kept)                     # the dropped entries: dy W0 only
-        return dx, None, None, dA, dB, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -264,10 +161,10 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         if (x2.device.type == "cpu" and x2.dtype == W.dtype == A.dtype and not W.requires_grad
                 and (b is None or not b.requires_grad) and not torch.is_autocast_enabled("cpu")):
-            # the same y as below with the backward written out (_LoRAProduct); DoRA adds the bias
-            # after its rescaling
+            # the same y as below with the backward written out (kernels.lora_linear); DoRA adds the
+            # bias after its rescaling
             idx = self.dropout.positions(x2)  # (k,) flat indices of x2 to drop, or None
-            y = _LoRAProduct.apply(x2, W, None if self.use_dora else b, A, B, s, idx, 1 / (1 - self.dropout.p))
+            y = lora_linear(x2, W, None if self.use_dora else b, A, B, s, idx, 1 / (1 - self.dropout.p))
         else:  # GPU, bf16 base, autocast, or a trainable base weight: plain autograd
             h = F.linear(self.dropout(x2).to(A.dtype), A)  # (N, r)
             # (N, d_out) W0 x + b for LoRA (the wrapped layer itself); W0 x for DoRA (bias after rescaling)

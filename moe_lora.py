@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import lora
-from kernels import linear
+from kernels import Dropout, linear
 from losses import QUALITY_LOSS_KINDS
 from routers import STRATEGIES, Router, check_router_config
 
@@ -213,7 +213,7 @@ class ExpertProjection(nn.Module):
         self.weight, self.bias = base.weight, base.bias                     # (d_out, d_in), (d_out,) | None
         d_out, d_in = base.weight.shape
         self.scaling, self.use_dora = lora.lora_scaling(lora_alpha, r, use_rslora), use_dora and num_experts > 0
-        self.dropout = lora.Dropout(lora_dropout)                          # x itself at p = 0, in eval()
+        self.dropout = Dropout(lora_dropout)                                # x itself at p = 0, in eval()
         self.experts = nn.ModuleList(LoRAExpert(d_in, d_out, r, init_lora_weights, base.weight.device)
                                      for _ in range(num_experts))
         if self.use_dora:

@@ -968,7 +968,7 @@ def graph_node_names(fn):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_lora_fast_path_matches_autograd(use_dora, dropout, bias):
-    """The written-out backward (_LoRAProduct, taken for a frozen base) gives plain autograd's output and
+    """The written-out backward (kernels.lora_linear, taken for a frozen base on CPU) gives plain autograd's output and
     gradients for x, A, B and m, with and without dropout (same mask from the same seed) and bias."""
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(12, 9, bias=bias), r=3, lora_alpha=6, lora_dropout=dropout, use_dora=use_dora)
@@ -987,10 +987,10 @@ def test_lora_fast_path_matches_autograd(use_dora, dropout, bias):
         return y.detach(), grads, graph_node_names(y.grad_fn)
 
     y_fast, g_fast, nodes = run()
-    assert "_LoRAProductBackward" in nodes
+    assert "_LoRALinearBackward" in nodes
     layer.base.weight.requires_grad_(True)  # a trainable base takes the plain-autograd path
     y_ref, g_ref, nodes = run()
-    assert "_LoRAProductBackward" not in nodes
+    assert "_LoRALinearBackward" not in nodes
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
     for n, a, b in zip(names + ["x"], g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
@@ -1012,7 +1012,7 @@ def test_dropout_positions_are_bernoulli(p, gaps):
     sigma. gaps=64 draws the Geometric gaps 64 at a time, so the "draw further gaps" loop runs."""
     torch.manual_seed(0)
     n = 300_000
-    idx = lora.dropout_positions(n, p, gaps=gaps)
+    idx = kernels.dropout_positions(n, p, gaps=gaps)
     assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all()) and 0 <= idx[0] and idx[-1] < n
 
     def within(count, trials, q):
@@ -1025,12 +1025,12 @@ def test_dropout_positions_are_bernoulli(p, gaps):
 
 
 def test_dropout_module_zeroes_drawn_entries():
-    """lora.Dropout on CPU: y = x / (1-p) except 0 at the positions dropout_positions draws from the same
+    """kernels.Dropout on CPU: y = x / (1-p) except 0 at the positions dropout_positions draws from the same
     seed; the gradient is zeroed at the same entries; eval() and p = 0 return x itself."""
-    drop = lora.Dropout(0.2)
+    drop = kernels.Dropout(0.2)
     x = torch.randn(6, 50, requires_grad=True)
     torch.manual_seed(3)
-    idx = lora.dropout_positions(x.numel(), 0.2)
+    idx = kernels.dropout_positions(x.numel(), 0.2)
     keep = torch.ones(x.numel())
     keep[idx] = 0
     keep = keep.view_as(x) / 0.8
@@ -1040,7 +1040,7 @@ def test_dropout_module_zeroes_drawn_entries():
     g = torch.randn(6, 50)
     y.backward(g)
     torch.testing.assert_close(x.grad, g * keep, rtol=0, atol=0)
-    assert drop.eval()(x) is x and lora.Dropout(0.0)(x) is x
+    assert drop.eval()(x) is x and kernels.Dropout(0.0)(x) is x
 
 
 def test_eval_makes_dropout_deterministic():
