@@ -123,8 +123,9 @@ class _ZeroAt(torch.autograd.Function):
 
 class Dropout(nn.Dropout):
     """nn.Dropout (same p, same train()/eval() switch): y = x / (1-p) with entries zeroed with probability p.
-    On CPU the zeroed entries come from dropout_positions, ~3x faster than torch's kernel at p = 0.05;
-    elsewhere torch's dropout is already cheap and is used as it is."""
+    On CPU the zeroed entries come from dropout_positions: forward + backward 2.6-2.8x faster than torch's
+    kernel at p = 0.05 on (1024, 576) and (1024, 1536) inputs (measured); elsewhere torch's dropout is
+    already cheap and is used as it is."""
 
     def positions(self, x):
         """The flat indices of x to zero now, or None (eval(), p = 0, or not on CPU)."""
@@ -154,8 +155,10 @@ class _LoRALinear(torch.autograd.Function):
     Plain autograd gives the same numbers with five graph nodes, a saved dropout output, and fresh
     temporaries for the LoRA terms; here they go into y and dx in place (a temporary plus an add is one
     more pass over memory), and the dropped entries of dx are restored from a copy of k values rather
-    than masking an (N, d_in) tensor. test_lora_fast_path_matches_autograd checks values and gradients.
-    """
+    than masking an (N, d_in) tensor. Measured on SmolLM2-135M, batch 4 x 256, all 7 projections: the
+    LoRA step 1.01-1.07x faster at p = 0; at p = 0.05 its peak memory 1.7 GB instead of 2.7 GB (no
+    dropout outputs saved). test_lora_fast_path_matches_autograd checks values and
+    gradients."""
 
     @staticmethod
     def forward(ctx, x, W, b, A, B, s, idx, keep):  # x (N, d_in), W (d_out, d_in), idx (k,) or None
