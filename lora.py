@@ -174,7 +174,7 @@ class LoRALinear(nn.Module):
             scale = self.magnitude / self.weight_norm()  # (d_out,) m / ||W0 + sBA||, n detached
             # bias outside the rescaling (HF PEFT convention, see docstring); addcmul = b + scale * y
             y = scale * y if b is None else torch.addcmul(b.to(scale.dtype), scale, y)  # (N, d_out) fp32
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     @torch.no_grad()
     def merge(self):

@@ -1043,6 +1043,15 @@ def test_dropout_module_zeroes_drawn_entries():
     assert drop.eval()(x) is x and kernels.Dropout(0.0)(x) is x
 
 
+def test_lora_layer_takes_an_empty_batch():
+    """Zero tokens in, zero tokens out (and a zero-row gradient), with dropout on."""
+    layer = LoRALinear(nn.Linear(8, 6), r=2, lora_alpha=4, lora_dropout=0.1).train()
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 3, 6) and x.grad.shape == (0, 3, 8)
+
+
 def test_eval_makes_dropout_deterministic():
     """With lora_dropout > 0, train() outputs vary and eval() outputs are identical and dropout-free."""
     torch.manual_seed(0)
@@ -1443,6 +1452,29 @@ def test_aux_survives_activation_checkpointing(strategy):
     for g_plain, g_ckpt in zip(*grads):
         assert g_ckpt is not None and g_ckpt.abs().sum() > 0
         torch.testing.assert_close(g_ckpt, g_plain)
+
+
+@pytest.mark.parametrize("kind", ["lora", "mixlora"])
+def test_checkpointing_redraws_the_same_dropout(kind):
+    """With LoRA dropout on, a checkpointed layer's recomputation draws the same dropped entries (torch
+    restores the RNG state), so every adapter gradient equals the one without checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_llama()
+        all7 = list(PROJECTIONS)
+        cfg = (LoraConfig(r=4, lora_dropout=0.2, target_modules=all7) if kind == "lora" else
+               MixLoRAConfig(r=4, lora_dropout=0.2, target_modules=all7, num_experts=4, top_k=2))
+        torch.manual_seed(5)
+        inject_adapter(model, cfg)
+        randomize_adapters(model)
+        model.train()
+        model.gradient_checkpointing = ckpt
+        torch.manual_seed(7)
+        F.cross_entropy(model(IDS).logits[:, :-1].reshape(-1, 64), IDS[:, 1:].reshape(-1)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(grads[0]) == len(grads[1]) > 0
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=0, atol=0, msg=n)
 
 
 def test_router_stats_sum_to_one():
