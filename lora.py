@@ -103,7 +103,7 @@ class LoRALinear(nn.Module):
     NOTE: PEFT in training mode with dropout rescales W0 drop(x), not W0 x; identical in eval.
     """
 
-    def __init__(self, base, r, lora_alpha, lora_dropout=0.0, use_rslora=False, use_dora=False,
+    def __init__(self, base, *, r, lora_alpha, lora_dropout=0.0, use_rslora=False, use_dora=False,
                  init_lora_weights="original"):
         super().__init__()
         d_out, d_in = base.weight.shape
@@ -226,8 +226,8 @@ def inject_lora(model, cfg):
         d_out, d_in = module.weight.shape
         if cfg.r > min(d_in, d_out):
             raise ValueError(f"r={cfg.r} is larger than min(d_in, d_out)={min(d_in, d_out)} of {name}")
-        layer = LoRALinear(module, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora,
-                           cfg.init_lora_weights)
+        layer = LoRALinear(module, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=cfg.init_lora_weights)
         layer.train(module.training)
         setattr(model.get_submodule(parent_name), leaf, layer)
         found.add(leaf)
