@@ -1,23 +1,27 @@
 """
 losses.py: every loss of the project, as pure functions returning scalar tensors.
 
-    router losses     load_balancing_loss, dynamic_load_balancing_loss, switch_aux_loss,
-                      router_z_loss                  (MixLoRA / MoE-PEFT, Switch, ST-MoE)
+    router losses     load_balancing_loss (every     (MixLoRA / MoE-PEFT, Switch, ST-MoE)
+                      router's), router_z_loss
     quality losses    quality_loss(kind=...)          (Select-MoE quality gate)
     task losses       lm_loss, lm_loss_from_hidden,   (next-token CE, the second fused with the LM head;
                       classification_loss             sequence classification)
-    combination       total_loss                      CE + aux_coef * (LB + w_q * L_q) + z_coef * Z
+    the objective     adapter_losses                  CE + aux_coef * (LB + w_q * L_q) + z_coef * Z
 
 References: Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, sec. 2.2 eq. 4-6), ST-MoE
 (Zoph et al. 2022, arXiv 2202.08906, sec. 3.1 eq. 5), Mixtral / HF `load_balancing_loss_func`,
 MixLoRA (Li et al. 2024, arXiv 2404.15159, sec. 3, auxiliary loss) as coded in MoE-PEFT,
 Huang et al. 2024 (dynamic routing), and Select-MoE (FGinfinite/Qualitiy-Gate, no paper; see
 ../shared/reference/select_moe.md sec. 3). Every docstring states what is averaged and how padding
-is masked. The losses return UNSCALED values; coefficients are applied by the caller (total_loss).
+is masked. The losses return UNSCALED values; adapter_losses applies the coefficients of the adapter
+config (their defaults, per routing strategy, are in routers.STRATEGIES). The balance loss reads the
+experts each token selected from the router's output (routers.py says why), so this file has no
+per-strategy code and imports no project file.
 
-Checked by test_routers_losses.py against hand-worked values (3 tokens x 2 experts for each router
-loss, a 2 x 3 batch for each quality loss and averaging), uniform routing giving k, masked padding
-changing nothing, and gradients reaching a gate weight through every quality loss.
+Checked by test_all.py's loss tests against hand-worked values (3 tokens x 2 experts for each router,
+a 2 x 3 batch for each quality loss and averaging), uniform routing giving k, masked padding
+changing nothing, gradients reaching a gate weight through every quality loss, and the objective's
+formula on a hand-built case.
 Run `python losses.py` for a small demo.
 
 Shape legend: B batch, T time, N = B*T tokens, L layers, E experts, K top-k, V vocab, C classes.
@@ -28,13 +32,7 @@ import torch.nn.functional as F
 
 from kernels import linear
 
-# Reference defaults (MoE-PEFT `MixLoraConfig`): 0.001 in code for both coefficients.
-# The MixLoRA paper text and the README examples say 1e-2 (the paper's Table 9 ablation favours 1e-3).
-ROUTER_AUX_LOSS_COEF = 0.001
-ROUTER_Z_LOSS_COEF = 0.001
-# Select-MoE: its total loss multiplies L_q by router_aux_loss_coef too, which there is OLMoE's 0.01;
-# quality_loss_weight is 0.5 in its config class but 1.0 in stage_1_warmup.yaml (the value in effect).
-SELECT_MOE_ROUTER_AUX_LOSS_COEF = 0.01
+# Select-MoE quality_loss_weight: 0.5 in its config class but 1.0 in stage_1_warmup.yaml (the value in effect).
 QUALITY_LOSS_WEIGHT = 1.0
 # Select-MoE moment-matching defaults (SelectMoeConfig): Beta(2,2) has mean 0.5 and variance 0.05.
 BETA_TARGET_MEAN, BETA_TARGET_VAR, W_MEAN, W_VAR, LAMBDA_VAR = 0.5, 0.05, 1.0, 1.0, 0.1
@@ -71,86 +69,47 @@ def _masked_mean(v, m):
     return (v * m).sum(0) / m.sum().clamp(min=1.0)
 
 
-def _balance(z, m, selected):
-    """E * sum_e f_e P_e; f_e = masked fraction of tokens that selected e, P_e = masked mean prob."""
-    p = F.softmax(z, dim=-1)                                           # (L*N, E)
-    f = _masked_mean(selected.float(), m)                              # (E,) sum_e f_e = experts/token
-    p_mean = _masked_mean(p, m)                                        # (E,)
-    return z.shape[-1] * (f * p_mean).sum()
-
-
 # ----------------------------------------------------------------------------------------------------
-# Router losses (inputs: list over layers of router logits (N, E) fp32, token_mask (N,))
+# Router losses (inputs: lists over layers of router logits (N, E) fp32 and of the router's
+# selection (N, E) bool, token_mask (N,))
 
 
-def load_balancing_loss(router_logits, token_mask=None, top_k=2):
-    """Top-k load-balancing loss (Switch eq. 4, top-k form of Mixtral / HF `load_balancing_loss_func`).
+def load_balancing_loss(router_logits, selected, token_mask=None):
+    """Load-balancing loss of every router (Switch eq. 4; in its top-k form HF Mixtral's
+    `load_balancing_loss_func`), counting the experts the router selected.
 
-        p_t = softmax(z_t);   S_t = top-k experts of p_t
-        f_e = sum_t m_t [e in S_t] / sum_t m_t          fraction of tokens whose top-k includes e
+        p_t = softmax(z_t);   S_t = {e : selected[t, e]}
+        f_e = sum_t m_t [e in S_t] / sum_t m_t          fraction of real tokens that selected e
         P_e = sum_t m_t p_t,e / sum_t m_t                mean router probability of e
         L_LB = E * sum_e f_e P_e
 
-    Averaged over: the real tokens of ALL layers pooled. Like the reference (MoE-PEFT
-    `_mixtral_load_balancing_loss_func`) and HF Mixtral, the layers' logits are concatenated along
-    the token axis and the loss is computed once, so it is a mean over layers in its normalisation
-    (never a sum), but f and P are pooled before the product: it is not the mean of per-layer losses
-    (the tests show a 2-layer case where the two differ).
+    `selected` is what routers.Router returns beside its weights, so the loss counts exactly what the
+    router did (uniform routing, p_t,e = 1/E, gives the mean number of experts selected per token):
+        "mixlora"          the top-k set (MoE-PEFT `_mixtral_load_balancing_loss_func`)    uniform: k
+        "mixlora-dynamic"  the top-p set of p / temperature                                 uniform: all E
+                           (`_dynamic_load_balancing_loss_func`; P uses the untempered p)   at top_p 0.8
+        "mixlora-switch"   the argmax BEFORE the capacity cut: dropped tokens still count   uniform: 1
+                           for their expert (`SwitchRouterLoss`, written E^2 mean_e f_e P_e)
+
+    Averaged over: the real tokens of ALL layers pooled. Like the reference and HF Mixtral, the
+    layers' logits are concatenated along the token axis and the loss is computed once, so it is a
+    mean over layers in its normalisation (never a sum), but f and P are pooled before the product:
+    it is not the mean of per-layer losses (the tests show a 2-layer case where the two differ).
     Padding: m_t = token_mask, tiled over layers; padding rows count in neither sum.
-    Reference f is per slot j (k, E) and summed in the product; summing over j first is identical.
-    Uniform routing (p_t,e = 1/E) gives E * sum_e (k/E)(1/E) = k, i.e. k * coef after the coefficient.
+    Reference top-k f is per slot j (k, E) and summed in the product; summing over j first is identical.
+    NOTE: the reference's dynamic and Switch losses pass no mask and count padding tokens;
+    token_mask=None reproduces them. Huang et al. (2024, sec. 3.2) pair the top-p loss with an
+    entropy loss that the reference does not use.
     """
     z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
-    if not 1 <= top_k <= z.shape[-1]:
-        raise ValueError(f"top_k: expected an integer in [1, {z.shape[-1]}], got {top_k!r}")
-    p = F.softmax(z, dim=-1)
-    top_i = torch.topk(p, top_k, dim=-1).indices                       # (L*N, K)
-    selected = torch.zeros_like(p).scatter(-1, top_i, 1.0)             # (L*N, E) 0/1
-    return _balance(z, m, selected)
-
-
-def _top_p_selection(p, top_p, temperature):
-    """The reference's top-p selection (same rule as routers.top_p_mask): crossing expert kept, >= 1."""
-    q = p / temperature if temperature > 0.0 else p                    # reference divides probabilities
-    sorted_q, order = torch.sort(q, dim=-1, descending=True, stable=True)
-    before = F.pad(sorted_q.cumsum(-1)[..., :-1], (1, 0))              # exclusive cumulative sum
-    return torch.zeros_like(q).scatter(-1, order, (before <= top_p).to(q))  # (M, E) 0/1
-
-
-def dynamic_load_balancing_loss(router_logits, token_mask=None, top_p=0.8, temperature=0.0):
-    """Load-balancing loss of the top-p router (MoE-PEFT `_dynamic_load_balancing_loss_func`).
-
-        p_t = softmax(z_t);   S_t = top-p set of p_t / temperature (routers.top_p_weights' rule)
-        f_e = sum_t m_t [e in S_t] / sum_t m_t;   P_e = sum_t m_t p_t,e / sum_t m_t   (untempered p)
-        L = E * sum_e f_e P_e
-
-    Averaged over: real tokens of all layers pooled (layers concatenated, as load_balancing_loss).
-    Uniform routing gives the mean number of experts selected per token (E with top_p = 0.8, since a
-    uniform split keeps every expert).
-    Padding: masked by token_mask.
-    NOTE: the reference passes no mask here and counts padding tokens; token_mask=None reproduces it.
-    Huang et al. (2024, sec. 3.2) pair this with an entropy loss that the reference does not use.
-    """
-    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
-    selected = _top_p_selection(F.softmax(z, dim=-1), top_p, temperature)  # (L*N, E) 0/1
-    return _balance(z, m, selected)
-
-
-def switch_aux_loss(router_logits, token_mask=None):
-    """Switch Transformer auxiliary load-balancing loss (Fedus et al. 2021, sec. 2.2, eq. 4-6).
-
-        f_e = fraction of real tokens whose argmax expert is e;   P_e = mean router probability of e
-        L_aux = E * sum_e f_e P_e          (the reference writes it E^2 * mean_e f_e P_e)
-
-    f is recomputed from the logits, so tokens dropped by the capacity still count for their expert
-    (as the reference does: "recompute expert indexes"). Uniform routing gives 1.
-    Averaged over: real tokens of all layers pooled (layers concatenated).
-    Padding: masked by token_mask.
-    NOTE: the reference's SwitchRouterLoss ignores the attention mask; token_mask=None reproduces it.
-    """
-    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
-    selected = F.one_hot(z.argmax(dim=-1), z.shape[-1])                # (L*N, E) 0/1
-    return _balance(z, m, selected)
+    layers = [selected] if torch.is_tensor(selected) else list(selected)
+    s = torch.cat([x.reshape(-1, z.shape[-1]) for x in layers]).float()  # (L*N, E) 0/1
+    if s.shape != z.shape:
+        raise ValueError(f"selected: expected {tuple(z.shape)} (the router logits' shape), "
+                         f"got {tuple(s.shape)}")
+    f = _masked_mean(s, m)                                             # (E,) sum_e f_e = experts/token
+    p_mean = _masked_mean(F.softmax(z, dim=-1), m)                     # (E,)
+    return z.shape[-1] * (f * p_mean).sum()
 
 
 def router_z_loss(router_logits, token_mask=None):
@@ -206,7 +165,7 @@ def _moments(g, m, sample_wise):
     return mu, var
 
 
-def quality_loss(gate_logits, token_mask, kind="sigmoid", sample_wise=False, labels=None,
+def quality_loss(gate_logits, token_mask, kind="sigmoid", *, sample_wise=False, labels=None,
                  beta_target_mean=BETA_TARGET_MEAN, beta_target_var=BETA_TARGET_VAR,
                  w_mean=W_MEAN, w_var=W_VAR, lambda_var=LAMBDA_VAR):
     """Select-MoE quality-gate loss L_q (select_moe.md sec. 3), averaged with equal weight over layers.
@@ -365,56 +324,42 @@ def classification_loss(logits, labels, multi_label=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Combination
-
-
-def total_loss(ce, lb=None, z=None, quality=None, router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-               router_z_loss_coef=ROUTER_Z_LOSS_COEF, quality_loss_weight=QUALITY_LOSS_WEIGHT):
-    """The training objective, as the references combine their terms.
-
-        loss = CE + router_aux_loss_coef * (L_LB + quality_loss_weight * L_q) + router_z_loss_coef * L_z
-
-    The bracket is Select-MoE's total loss exactly as coded (its README leaves out the factor
-    router_aux_loss_coef, 0.01 there: SELECT_MOE_ROUTER_AUX_LOSS_COEF; quality_loss_weight 1.0 in
-    its stage-1 yaml, 0.5 in its config class). The z term is MoE-PEFT's Switch loss
-    (z_coef * z + aux_coef * aux). Missing terms (None) count as 0. MixLoRA defaults: 0.001, 0.001.
-    """
-    aux = 0.0 if lb is None else lb
-    if quality is not None:
-        aux = aux + quality_loss_weight * quality
-    loss = ce + router_aux_loss_coef * aux
-    if z is not None:
-        loss = loss + router_z_loss_coef * z
-    return loss
+# The training objective
 
 
 def adapter_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
-    """The auxiliary terms of an adapter, each already multiplied by its coefficient, as a dict for logging:
-    the router terms of the adapter's strategy (mixlora.md section 5: "aux" = load balancing / switch aux,
-    "z") and the Select-MoE quality term ("quality" = coef * quality_loss_weight * L_q), as total_loss
-    combines them. aux: the model's per-layer outputs (None for plain layers: no terms); cfg: the adapter
-    config (routing_strategy, coefficients, quality settings); token_mask (N,) or None; quality: the
-    micro-batch's per-sample labels (bce only); quality_mask: the (N,) tokens L_q averages over (default
-    token_mask; train.py's --quality-tokens)."""
+    """The adapter's terms of the training objective, each multiplied by its coefficient, as a dict for
+    logging; train.py and bench.py add their sum to the task loss:
+
+        loss = CE + router_aux_loss_coef * (L_LB + quality_loss_weight * L_q) + router_z_loss_coef * L_z
+
+    "aux" = router_aux_loss_coef * L_LB (load_balancing_loss on the router's own selection),
+    "z" = router_z_loss_coef * L_z, "quality" = router_aux_loss_coef * quality_loss_weight * L_q; a term
+    whose coefficient is 0 is left out (which router losses apply is the strategy's default, see
+    routers.STRATEGIES: the z-loss for Switch only, as in the reference). The bracket is Select-MoE's
+    total loss exactly as coded (its README leaves out the factor router_aux_loss_coef, which is 0.01
+    there; quality_loss_weight 1.0 in its stage-1 yaml, 0.5 in its config class); the z term is MoE-PEFT's
+    Switch loss (z_coef * z + aux_coef * aux), mixlora.md section 5.
+    aux: the model's per-layer outputs (None for plain layers: no terms), each {"router_logits",
+    "router_selected", "gate_logits" when gated}; cfg: the adapter config (coefficients, quality
+    settings); token_mask (N,) or None; quality: the micro-batch's per-sample labels (bce only);
+    quality_mask: the (N,) tokens L_q averages over (default token_mask; train.py's --quality-tokens)."""
     aux = [x for x in aux if x is not None]
     if not aux or "router_logits" not in aux[0]:
         return {}
     logits = [x["router_logits"] for x in aux]                                   # L x (N,E)
-    strategy = cfg.routing_strategy
-    if strategy == "mixlora":
-        lb = load_balancing_loss(logits, token_mask, cfg.top_k)
-    elif strategy == "mixlora-dynamic":
-        lb = dynamic_load_balancing_loss(logits, token_mask, cfg.top_p, cfg.temperature)
-    else:
-        lb = switch_aux_loss(logits, token_mask)
-    terms = {"aux": cfg.router_aux_loss_coef * lb}
+    terms = {}
+    if cfg.router_aux_loss_coef:
+        lb = load_balancing_loss(logits, [x["router_selected"] for x in aux], token_mask)
+        terms["aux"] = cfg.router_aux_loss_coef * lb
     if cfg.router_z_loss_coef:
         terms["z"] = cfg.router_z_loss_coef * router_z_loss(logits, token_mask)
     if getattr(cfg, "quality_gate", False) and "gate_logits" in aux[0]:  # Select-MoE gate, when present
         labels = torch.tensor(quality, device=logits[0].device) if cfg.quality_loss_type == "bce" else None
-        qmask = token_mask if quality_mask is None else quality_mask
-        q = quality_loss([x["gate_logits"] for x in aux], qmask, cfg.quality_loss_type, cfg.sample_wise_averaging,
-                         labels, cfg.beta_target_mean, cfg.beta_target_var, cfg.w_mean, cfg.w_var, cfg.lambda_var)
+        q = quality_loss([x["gate_logits"] for x in aux], token_mask if quality_mask is None else quality_mask,
+                         cfg.quality_loss_type, sample_wise=cfg.sample_wise_averaging, labels=labels,
+                         beta_target_mean=cfg.beta_target_mean, beta_target_var=cfg.beta_target_var,
+                         w_mean=cfg.w_mean, w_var=cfg.w_var, lambda_var=cfg.lambda_var)
         terms["quality"] = cfg.router_aux_loss_coef * cfg.quality_loss_weight * q
     return terms
 
@@ -427,10 +372,11 @@ if __name__ == "__main__":
     L, B, T, E = 2, 2, 4, 4
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)  # (B, T)
     logits = [torch.randn(B * T, E) for _ in range(L)]                  # L x (N, E)
-    print(f"uniform top-2 LB = {load_balancing_loss([torch.zeros(B * T, E)], mask, 2).item():.4f} (k)")
-    print(f"top-2 LB         = {load_balancing_loss(logits, mask, 2).item():.4f}")
-    print(f"top-p LB         = {dynamic_load_balancing_loss(logits, mask, 0.8).item():.4f}")
-    print(f"switch aux       = {switch_aux_loss(logits, mask).item():.4f}")
+    top2 = [torch.zeros(B * T, E, dtype=torch.bool).scatter(-1, z.topk(2).indices, True) for z in logits]
+    top1 = [F.one_hot(z.argmax(-1), E).bool() for z in logits]           # as routers.py selects them
+    print(f"top-2 LB         = {load_balancing_loss(logits, top2, mask).item():.4f}")
+    print(f"top-1 (switch) LB= {load_balancing_loss(logits, top1, mask).item():.4f}")
+    print(f"uniform, top-2   = {load_balancing_loss(torch.zeros(B * T, E), top2[0], mask).item():.4f} (k)")
     print(f"z-loss           = {router_z_loss(logits, mask).item():.4f}")
     gates = [torch.randn(B, T) for _ in range(L)]                       # L x (B, T)
     for kind in QUALITY_LOSS_KINDS:

@@ -52,8 +52,9 @@ from safetensors.torch import save_file
 
 import lora
 from kernels import Dropout, linear
-from losses import QUALITY_LOSS_KINDS
-from routers import STRATEGIES, Router, check_router_config
+from losses import (BETA_TARGET_MEAN, BETA_TARGET_VAR, LAMBDA_VAR, QUALITY_LOSS_KINDS, QUALITY_LOSS_WEIGHT, W_MEAN,
+                    W_VAR)
+from routers import STRATEGIES, Router, RouterConfig
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TRASH_MODES = ("zero", "noise", "custom")
@@ -65,13 +66,18 @@ ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
 
 
 @dataclass
-class MixLoRAConfig:
+class MixLoRAConfig(RouterConfig):
     """MixLoRA + Select-MoE hyper-parameters; field names are the adapter_config.json keys.
 
+    The router's fields (num_experts, routing_strategy, top_k, top_p, temperature, expert_capacity,
+    capacity_factor, router_init_range, jitter_noise, router_aux_loss_coef, router_z_loss_coef) are
+    routers.RouterConfig's. Those left at None take the strategy's defaults from routers.STRATEGIES, here
+    in this constructor, so that the command line, bench.py and the Python API build the same adapter:
+    router init std 1.0, jitter 0.01 and a z-loss (coefficient 0.001) for "mixlora-switch"; 0.02, no
+    jitter and no z-loss otherwise; load balancing 0.001 for all three.
     Attention projections in target_modules get one shared LoRA; FFN projections get E expert LoRAs.
-    Defaults are the reference code's (mixlora.md sec. 3-5, select_moe.md sec. 1-3). router_init_range
-    and jitter_noise left at None take the reference's per-strategy defaults: 1.0 and 0.01 for
-    "mixlora-switch", 0.02 and 0.0 otherwise.
+    Defaults are the reference code's (mixlora.md sec. 3-5, select_moe.md sec. 1-3); the quality-loss
+    defaults are losses.py's.
     """
 
     r: int = 8
@@ -81,17 +87,6 @@ class MixLoRAConfig:
     use_dora: bool = False
     use_rslora: bool = False
     init_lora_weights: str = "original"    # reference key `lora_init`
-    routing_strategy: str = "mixlora"      # see routers.STRATEGIES
-    num_experts: int = 8
-    top_k: int = 2
-    top_p: float = 0.8
-    temperature: float = 0.0
-    expert_capacity: int | None = None     # None: ceil(capacity_factor * tokens / E) (routers.py)
-    capacity_factor: float = 1.0
-    router_init_range: float | None = None
-    jitter_noise: float | None = None
-    router_aux_loss_coef: float = 0.001    # code default; the MixLoRA paper text says 1e-2
-    router_z_loss_coef: float = 0.001
     expert_lora: dict | None = None        # {r, lora_alpha, lora_dropout, use_dora, use_rslora} for experts
     act_fn: str = "silu"
     # Select-MoE quality gate (select_moe.md sec. 1.3, 2, 3)
@@ -101,30 +96,24 @@ class MixLoRAConfig:
     trash_expert_mode: str = "zero"
     quality_loss_type: str = "sigmoid"
     # NOTE: the reference's config class says 0.5 and False; its stage-1 yaml (the values in effect) 1 and True.
-    quality_loss_weight: float = 1.0
+    quality_loss_weight: float = QUALITY_LOSS_WEIGHT
     sample_wise_averaging: bool = True
-    beta_target_mean: float = 0.5
-    beta_target_var: float = 0.05
-    w_mean: float = 1.0
-    w_var: float = 1.0
-    lambda_var: float = 0.1
+    beta_target_mean: float = BETA_TARGET_MEAN
+    beta_target_var: float = BETA_TARGET_VAR
+    w_mean: float = W_MEAN
+    w_var: float = W_VAR
+    lambda_var: float = LAMBDA_VAR
     task_type: str = "CAUSAL_LM"
     base_model_name_or_path: str = ""
 
     def __post_init__(self):
-        switch = self.routing_strategy == "mixlora-switch"
-        if self.router_init_range is None:
-            self.router_init_range = 1.0 if switch else 0.02
-        if self.jitter_noise is None:
-            self.jitter_noise = 0.01 if switch else 0.0
+        super().__post_init__()  # the strategy's defaults, router checks (routers.RouterConfig)
         if isinstance(self.target_modules, dict):  # the reference also accepts {name: bool}
             self.target_modules = [k for k, v in self.target_modules.items() if v]
         self.target_modules = list(self.target_modules)
         bad = [t for t in self.target_modules if t not in lora.PROJECTIONS]
         if bad or not self.target_modules:
             raise ValueError(f"target_modules: expected names from {lora.PROJECTIONS}, got {self.target_modules}")
-        check_router_config(self.num_experts, self.routing_strategy, self.top_k, self.top_p, self.temperature,
-                            self.capacity_factor, self.expert_capacity, self.jitter_noise, self.router_init_range)
         if set(self.expert_lora or {}) - {"r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "bias"}:
             raise ValueError(f"expert_lora: unknown keys in {self.expert_lora}")
         lora.LoraConfig(**self.expert_settings(), target_modules=["x"])  # r, dropout, init checks
@@ -149,8 +138,9 @@ class MixLoRAConfig:
     def attention_config(self):
         """lora.LoraConfig for the shared attention LoRA, or None when no attention projection is targeted."""
         attn = [t for t in self.target_modules if t not in FFN_PROJECTIONS]
-        return lora.LoraConfig(self.r, self.lora_alpha, self.lora_dropout, attn, self.use_rslora, self.use_dora,
-                               self.init_lora_weights) if attn else None
+        return lora.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                               target_modules=attn, use_rslora=self.use_rslora, use_dora=self.use_dora,
+                               init_lora_weights=self.init_lora_weights) if attn else None
 
     @classmethod
     def from_dict(cls, d):
@@ -281,7 +271,8 @@ class MixLoRAFFN(nn.Module):
     (per token N(mean_d u, std_d u), unbiased std + 1e-8, detached; NOTE: the reference draws it at eval
     too, we use its mean, so scores are deterministic), "custom" (any module or function u -> y_trash).
     forward returns (y (B, T, D), aux) with aux = {"router_logits": (N, E) fp32, "router_weights": (N, E)
-    fp32, "gate_logits": (B, T) fp32 when the gate is on}: returned tensors, so they keep their gradients
+    fp32, "router_selected": (N, E) bool (what the balance loss counts, routers.py), "gate_logits": (B, T)
+    fp32 when the gate is on}: returned tensors, so they keep their gradients
     under activation checkpointing (NOTE: the reference returned them in a dict that reentrant
     checkpointing detached, so its quality loss had no gradient, bug B1).
     """
@@ -292,17 +283,21 @@ class MixLoRAFFN(nn.Module):
         for name in FFN_PROJECTIONS:
             E = cfg.num_experts if name in cfg.target_modules else 0
             setattr(self, name, ExpertProjection(getattr(mlp, name), E, **cfg.expert_settings()))
-        self.moe_gate = Router(D, cfg.num_experts, cfg.routing_strategy, cfg.top_k, cfg.top_p, cfg.temperature,
-                               cfg.capacity_factor, cfg.expert_capacity, cfg.jitter_noise,
-                               cfg.router_init_range).to(dev)
+        self.moe_gate = Router(D, cfg).to(dev)                              # the strategy's init, fp32
         self.num_experts, self.act, self.fast_path = cfg.num_experts, ACTIVATIONS[cfg.act_fn], fast_path
         self.quality_gate, self.trash_mode = None, cfg.trash_expert_mode
         if cfg.quality_gate:
-            self.quality_gate = nn.Linear(D, 1, bias=False, device=dev)    # (1, D) fp32
-            nn.init.normal_(self.quality_gate.weight, cfg.quality_gate_init_mean, cfg.quality_gate_init_std)
+            self.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std)
             if self.trash_mode == "custom" and not callable(trash_expert):
                 raise ValueError("trash_expert_mode='custom' needs a trash_expert module or function")
             self.trash_expert = trash_expert if self.trash_mode == "custom" else None
+
+    def add_quality_gate(self, init_mean, init_std):
+        """The Select-MoE quality gate s_q = w_q u (select_moe.md sec. 1.2): Linear D -> 1, no bias, fp32,
+        init N(init_mean, init_std^2). Built here for a new adapter and by selection.add_quality_gates."""
+        D, dev = self.gate_proj.weight.shape[1], self.gate_proj.weight.device
+        self.quality_gate = nn.Linear(D, 1, bias=False, device=dev)         # (1, D) fp32
+        nn.init.normal_(self.quality_gate.weight, init_mean, init_std)
 
     def trash(self, u):
         """y_trash (B, T, D) for the (1 - g) branch (select_moe.md sec. 2)."""
@@ -317,7 +312,7 @@ class MixLoRAFFN(nn.Module):
     def forward(self, u, token_mask=None):
         B, T, D = u.shape
         x = u.reshape(B * T, D)                                             # (N, D)
-        logits, weights = self.moe_gate(u, token_mask)                      # (N, E) fp32 each
+        logits, weights, selected = self.moe_gate(u, token_mask)            # (N, E) fp32, fp32, bool
         routed = weights if token_mask is None else weights * token_mask.reshape(-1, 1)  # padding -> 0
         exp, tok = routed.t().nonzero(as_tuple=True)                        # (S,), (S,) sorted by expert
         w = weights[tok, exp].to(u.dtype)                                   # (S,) differentiable weights
@@ -327,7 +322,7 @@ class MixLoRAFFN(nn.Module):
         else:
             y = self.plain_forward(x, tok, w, counts)
         y = y.view(B, T, D)
-        aux = {"router_logits": logits, "router_weights": weights}
+        aux = {"router_logits": logits, "router_weights": weights, "router_selected": selected}
         if self.quality_gate is not None:
             with torch.autocast(u.device.type, enabled=False):              # the gate logit stays fp32
                 s = self.quality_gate(u.to(self.quality_gate.weight.dtype)).squeeze(-1)  # (B, T)

@@ -1,11 +1,12 @@
 """
-routers.py: the three MixLoRA routers (top-k, top-p, Switch top-1 with capacity), in fp32.
+routers.py: the MixLoRA routers (top-k, top-p, Switch top-1 with capacity), in fp32, and the table of
+routing strategies.
 
 A router maps each token's FFN input x_t (the post-attention RMSNorm output) to a DENSE row of
 routing weights over the E experts; the MoE FFN (moe_lora.py) then computes
     y_t = sum_e weights[t, e] * expert_e(x_t)
-and skips the experts whose weight is 0. One module, `Router`, serves the three strategies of the
-reference implementation (MoE-PEFT, `routing_strategy`):
+and skips the experts whose weight is 0. One module, `Router`, serves every strategy of the table
+`STRATEGIES` (the reference implementation's, MoE-PEFT `routing_strategy`):
 
     "mixlora"          top-k, weights renormalised over the k      (Mixtral; MixLoRA paper, Li et al.
                                                                     2024, arXiv 2404.15159, sec. 3)
@@ -14,56 +15,101 @@ reference implementation (MoE-PEFT, `routing_strategy`):
     "mixlora-switch"   top-1 with expert capacity, weight = p_max   (Switch Transformer, Fedus et al.
                                                                     2021, sec. 2.1-2.2)
 
+A row of the table holds a strategy's rule (router logits -> weights, and the experts each token
+selected), its router init, and its defaults: router init range, jitter, and which router losses
+apply with what coefficient (a coefficient 0 switches a loss off). `RouterConfig` fills the settings
+left at None from the row, so the command line, bench.py and the Python API train the same thing.
+Adding a router = a rule and a row here, and its tests; a loss of its own, if it needs one, in
+losses.py.
+
+How a strategy names its balance loss: it does not need to. losses.py is a leaf (no project imports)
+and every strategy here balances with the same formula, E * sum_e f_e P_e (Switch eq. 4), whose f_e
+counts the experts each token SELECTED: the top-k set, the top-p set, the argmax before the capacity
+cut. So the router returns that selection with its weights, and losses.load_balancing_loss reads it:
+the loss uses what the router computed, the top-p rule exists once (here), and losses.py has no
+per-strategy code to keep in step (an unknown strategy fails here, in RouterConfig).
+
 Routing always runs in fp32 whatever the model dtype (the reference keeps gate weights, softmax and
 accumulation in fp32). The selection rules are exposed as pure functions (`top_k_weights`,
 `top_p_weights`, `switch_weights`, `expert_capacity`) so that the FFN and the tests can call them.
 The router losses live in losses.py.
 
-Checked by test_routers_losses.py (rows sum to 1 for top-k, the crossing expert is kept by top-p,
-capacity drops exactly the tokens past capacity and padding consumes none, jitter only in training).
-Run `python routers.py` for a small demo.
+Checked by test_all.py's router tests (rows sum to 1 for top-k, the crossing expert is kept by
+top-p, capacity drops exactly the tokens past capacity and padding consumes none, jitter only in
+training, every row of the table complete). Run `python routers.py` for a small demo.
 
 Shape legend: B batch, T time, D hidden, N = B*T tokens, E experts, K top-k.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+# The config keys whose default depends on the strategy: left at None, they take the table's value.
+STRATEGY_DEFAULTS = ("router_init_range", "jitter_noise", "router_aux_loss_coef", "router_z_loss_coef")
 
 # ----------------------------------------------------------------------------------------------------
-# Validation
+# Config
 
 
-def check_router_config(num_experts, strategy, top_k=2, top_p=0.8, temperature=0.0,
-                        capacity_factor=1.0, expert_capacity=None, jitter_noise=0.0, init_range=0.02):
-    """Raise ValueError (one line naming the setting) for a configuration the routers cannot run.
+@dataclass
+class RouterConfig:
+    """The router's settings; field names are the reference's adapter_config.json keys.
 
-    top_k is only checked for "mixlora" (the other strategies ignore it, so a default top_k=2 with a
-    single expert is fine for them).
+    Settings left at None take the strategy's defaults from STRATEGIES (router_init_range,
+    jitter_noise, router_aux_loss_coef, router_z_loss_coef); the others have one default for every
+    strategy and are read only by the strategies that use them (top_k by "mixlora", top_p and
+    temperature by "mixlora-dynamic", capacity_factor and expert_capacity by "mixlora-switch").
+    The loss coefficients are not read by the router: they sit here because they are the
+    strategy's defaults too (losses.adapter_losses reads them from the adapter config).
+    moe_lora.MixLoRAConfig extends this class, so its constructor resolves the same defaults.
+    Bad values raise a one-line ValueError naming the setting.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"routing_strategy: unknown {strategy!r}, "
-                         f"expected one of {', '.join(STRATEGIES)}")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected an integer >= 1, got {num_experts!r}")
-    if strategy == "mixlora" and (not isinstance(top_k, int) or not 1 <= top_k <= num_experts):
-        raise ValueError(f"top_k: expected an integer in [1, num_experts={num_experts}], got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
-    if temperature < 0.0:
-        raise ValueError(f"temperature: expected >= 0 (0 disables it), got {temperature!r}")
-    if not capacity_factor > 0.0:
-        raise ValueError(f"capacity_factor: expected > 0, got {capacity_factor!r}")
-    if expert_capacity is not None and (not isinstance(expert_capacity, int) or expert_capacity < 1):
-        raise ValueError(f"expert_capacity: expected None or an integer >= 1, got {expert_capacity!r}")
-    if not 0.0 <= jitter_noise < 1.0:
-        raise ValueError(f"jitter_noise: expected a value in [0, 1), got {jitter_noise!r}")
-    if init_range < 0.0:
-        raise ValueError(f"router_init_range: expected >= 0, got {init_range!r}")
+
+    num_experts: int = 8
+    routing_strategy: str = "mixlora"          # a key of STRATEGIES
+    top_k: int = 2
+    top_p: float = 0.8
+    temperature: float = 0.0                   # 0 = off (reference: divides the probabilities)
+    expert_capacity: int | None = None         # None: ceil(capacity_factor * tokens / E), see Router
+    capacity_factor: float = 1.0
+    router_init_range: float | None = None     # std of the router weight init
+    jitter_noise: float | None = None          # router input noise U(1 - eps, 1 + eps), training only
+    router_aux_loss_coef: float | None = None  # load balancing (the reference's code default 0.001)
+    router_z_loss_coef: float | None = None    # ST-MoE z-loss (the reference: Switch only)
+
+    def __post_init__(self):
+        if self.routing_strategy not in STRATEGIES:
+            raise ValueError(f"routing_strategy: unknown {self.routing_strategy!r}, "
+                             f"expected one of {', '.join(STRATEGIES)}")
+        strategy = STRATEGIES[self.routing_strategy]
+        for key in STRATEGY_DEFAULTS:
+            if getattr(self, key) is None:
+                setattr(self, key, getattr(strategy, key))
+        e = self.num_experts
+        if not isinstance(e, int) or e < 1:
+            raise ValueError(f"num_experts: expected an integer >= 1, got {e!r}")
+        # top_k is checked only where it is read (a default top_k=2 with one expert is fine elsewhere)
+        if "top_k" in strategy.settings and (not isinstance(self.top_k, int) or not 1 <= self.top_k <= e):
+            raise ValueError(f"top_k: expected an integer in [1, num_experts={e}], got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature: expected >= 0 (0 disables it), got {self.temperature!r}")
+        if not self.capacity_factor > 0.0:
+            raise ValueError(f"capacity_factor: expected > 0, got {self.capacity_factor!r}")
+        c = self.expert_capacity
+        if c is not None and (not isinstance(c, int) or c < 1):
+            raise ValueError(f"expert_capacity: expected None or an integer >= 1, got {c!r}")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ValueError(f"jitter_noise: expected a value in [0, 1), got {self.jitter_noise!r}")
+        for key in ("router_init_range", "router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, key) < 0.0:
+                raise ValueError(f"{key}: expected >= 0, got {getattr(self, key)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,22 +218,90 @@ def switch_weights(logits, token_mask, capacity, group_size=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The strategy table. A rule maps (logits (N, E) fp32, token_mask (N,) bool, group, cfg) to
+# (weights (N, E) fp32, selected (N, E) bool): the routing weights and the experts each token chose,
+# which is what its load-balancing loss counts (losses.load_balancing_loss). group is the tokens per
+# sequence T when the router saw (B, T, D), else None.
+
+
+def route_top_k(logits, token_mask, group, cfg):
+    """Top-k; selected = the k experts with a weight.
+
+    NOTE: w > 0 is the top-k set unless a probability underflows to 0 in fp32 (a logit gap above
+    ~100), where that expert counts as unselected; HF's loss would count it."""
+    w = top_k_weights(logits, cfg.top_k)
+    return w, w > 0
+
+
+def route_top_p(logits, token_mask, group, cfg):
+    """Top-p; selected = the top-p set (the experts with a weight)."""
+    w = top_p_weights(logits, cfg.top_p, cfg.temperature)
+    return w, w > 0
+
+
+def route_switch(logits, token_mask, group, cfg):
+    """Switch top-1 with capacity; selected = the argmax BEFORE the capacity cut (the reference's
+    "recompute expert indexes": a dropped token still counts for its expert in the balance loss)."""
+    if cfg.expert_capacity is not None:
+        # Reference rule: a fixed capacity per sequence (but padding consumes none here).
+        w = switch_weights(logits, token_mask, cfg.expert_capacity, group_size=group)
+    else:
+        # One sync per layer to read the real-token count; capacity is a plain Python int.
+        cap = expert_capacity(int(token_mask.sum()), cfg.num_experts, cfg.capacity_factor)
+        w = switch_weights(logits, token_mask, cap)
+    return w, F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).bool()
+
+
+def init_normal(weight, init_range):
+    """The reference's MixLoRA router init: N(0, init_range^2)."""
+    nn.init.normal_(weight, mean=0.0, std=init_range)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One routing strategy: its rule, the settings the rule reads (shown by Router's repr, range-
+    checked by RouterConfig), its router init, and its defaults for the STRATEGY_DEFAULTS keys."""
+
+    rule: Callable               # (logits, token_mask, group, cfg) -> (weights, selected)
+    settings: tuple              # RouterConfig fields the rule reads
+    init: Callable               # (weight (E, D), router_init_range) -> None, in place
+    router_init_range: float
+    jitter_noise: float
+    router_aux_loss_coef: float  # 0 = no load-balancing loss
+    router_z_loss_coef: float    # 0 = no z-loss
+
+
+# Defaults are the reference code's (mixlora.md sec. 3-5): the MixLoRA paper text says 1e-2 for the
+# balance coefficient, the code and the paper's ablation (Table 9) 1e-3; only Switch adds a z-loss.
+STRATEGIES = {
+    "mixlora": Strategy(route_top_k, ("top_k",), init_normal, router_init_range=0.02, jitter_noise=0.0,
+                        router_aux_loss_coef=0.001, router_z_loss_coef=0.0),
+    "mixlora-dynamic": Strategy(route_top_p, ("top_p", "temperature"), init_normal, router_init_range=0.02,
+                                jitter_noise=0.0, router_aux_loss_coef=0.001, router_z_loss_coef=0.0),
+    "mixlora-switch": Strategy(route_switch, ("capacity_factor", "expert_capacity"), init_normal,
+                               router_init_range=1.0, jitter_noise=0.01, router_aux_loss_coef=0.001,
+                               router_z_loss_coef=0.001),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
 # The router module
 
 
 class Router(nn.Module):
-    """A bias-free linear router W (E, D) in fp32 plus one of the three selection rules.
+    """A bias-free linear router W (E, D) in fp32 plus its strategy's rule (STRATEGIES).
 
         z = jitter(x) @ W^T             (N, E) fp32 logits, returned for the router losses
-        weights = rule(z)               (N, E) fp32 dense routing matrix
+        weights, selected = rule(z)     (N, E) fp32 dense routing matrix, (N, E) bool
 
-    Parameter `weight` (E, D), init N(0, init_range^2) (reference `router_init_range`, 0.02 for
-    "mixlora"/"mixlora-dynamic"; the reference's Switch default is 1.0, chosen by the caller). In
-    the MixLoRA FFN the module is attribute `moe_gate`, so its tensor is `...mlp.moe_gate.weight`
+    `config` is a RouterConfig (or the moe_lora.MixLoRAConfig that extends it); the router reads its
+    settings from it. Parameter `weight` (E, D), init by the strategy: N(0, router_init_range^2),
+    0.02 for "mixlora"/"mixlora-dynamic" and 1.0 for "mixlora-switch" by default (the reference's).
+    In the MixLoRA FFN the module is attribute `moe_gate`, so its tensor is `...mlp.moe_gate.weight`
     as in the reference's adapter files.
 
-    Jitter (Fedus et al. 2021, sec. 2.4; reference `jitter_noise`, default 0): in training only,
-    the router INPUT is multiplied by noise U(1 - eps, 1 + eps), out of place.
+    Jitter (Fedus et al. 2021, sec. 2.4; reference `jitter_noise`): in training only, the router
+    INPUT is multiplied by noise U(1 - eps, 1 + eps), out of place.
     NOTE: the reference's top-k and top-p blocks multiply x in place, so their experts see the
     jittered input too; here (as in the reference's Switch block) the experts see the clean x.
 
@@ -199,24 +313,18 @@ class Router(nn.Module):
     at inference, discarding the experts; we do not copy that bug).
     """
 
-    def __init__(self, hidden_size, num_experts, strategy="mixlora", top_k=2, top_p=0.8,
-                 temperature=0.0, capacity_factor=1.0, expert_capacity=None, jitter_noise=0.0,
-                 init_range=0.02):
+    def __init__(self, hidden_size, config):
         super().__init__()
-        check_router_config(num_experts, strategy, top_k, top_p, temperature, capacity_factor,
-                            expert_capacity, jitter_noise, init_range)
-        self.hidden_size, self.num_experts, self.strategy = hidden_size, num_experts, strategy
-        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
-        self.capacity_factor, self.expert_capacity = capacity_factor, expert_capacity
-        self.jitter_noise = jitter_noise
+        self.hidden_size, self.config = hidden_size, config
+        self.strategy = STRATEGIES[config.routing_strategy]
         # fp32 even inside a bf16 model: forward casts anyway, but an fp32 master copy routes exactly.
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
-        nn.init.normal_(self.weight, mean=0.0, std=init_range)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size, dtype=torch.float32))
+        self.strategy.init(self.weight, config.router_init_range)
 
     def forward(self, x, token_mask=None):
         """x (N, D) or (B, T, D); token_mask (N,) or (B, T) bool, True = real token (None: all real).
 
-        Returns (logits (N, E) fp32, weights (N, E) fp32), always flattened to N rows.
+        Returns (logits (N, E) fp32, weights (N, E) fp32, selected (N, E) bool), flattened to N rows.
         """
         d = x.shape[-1]
         group = x.shape[-2] if x.dim() == 3 else None                   # tokens per sequence (T)
@@ -226,31 +334,19 @@ class Router(nn.Module):
             mask = torch.ones(n, dtype=torch.bool, device=h.device)     # (N,)
         else:
             mask = token_mask.reshape(n).bool()                         # (N,)
-        if self.training and self.jitter_noise > 0.0:
-            eps = self.jitter_noise
+        eps = self.config.jitter_noise
+        if self.training and eps > 0.0:
             h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)  # out of place
         with torch.autocast(h.device.type, enabled=False):              # routing stays fp32 under autocast
             logits = F.linear(h, self.weight.float())                   # (N, E)
-        if self.strategy == "mixlora":
-            weights = top_k_weights(logits, self.top_k)
-        elif self.strategy == "mixlora-dynamic":
-            weights = top_p_weights(logits, self.top_p, self.temperature)
-        elif self.expert_capacity is not None:
-            # Reference rule: a fixed capacity per sequence (but padding consumes none here).
-            weights = switch_weights(logits, mask, self.expert_capacity, group_size=group)
-        else:
-            # One sync per layer to read the real-token count; capacity is a plain Python int.
-            cap = expert_capacity(int(mask.sum()), self.num_experts, self.capacity_factor)
-            weights = switch_weights(logits, mask, cap)
-        return logits, weights
+        weights, selected = self.strategy.rule(logits, mask, group, self.config)  # (N, E), (N, E)
+        return logits, weights, selected
 
     def extra_repr(self):
-        rule = {"mixlora": f"top_k={self.top_k}",
-                "mixlora-dynamic": f"top_p={self.top_p}, temperature={self.temperature}",
-                "mixlora-switch": (f"expert_capacity={self.expert_capacity}" if self.expert_capacity
-                                   else f"capacity_factor={self.capacity_factor}")}[self.strategy]
-        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
-                f"strategy={self.strategy!r}, {rule}, jitter_noise={self.jitter_noise}")
+        c = self.config
+        rule = ", ".join(f"{k}={getattr(c, k)}" for k in self.strategy.settings)
+        return (f"hidden_size={self.hidden_size}, num_experts={c.num_experts}, "
+                f"strategy={c.routing_strategy!r}, {rule}, jitter_noise={c.jitter_noise}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,8 +358,9 @@ if __name__ == "__main__":
     x = torch.randn(B, T, D)                                    # (B, T, D)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     for strategy in STRATEGIES:
-        router = Router(D, E, strategy, top_k=2, top_p=0.6, init_range=0.5).eval()
-        logits, weights = router(x, mask)                       # (N, E), (N, E)
+        cfg = RouterConfig(num_experts=E, routing_strategy=strategy, top_p=0.6, router_init_range=0.5)
+        router = Router(D, cfg).eval()
+        logits, weights, selected = router(x, mask)             # (N, E), (N, E), (N, E)
         print(router)
         print("  experts per token:", (weights > 0).sum(-1).tolist())
         print("  row sums:         ", [round(v, 3) for v in weights.sum(-1).tolist()])

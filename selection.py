@@ -96,7 +96,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -227,22 +226,20 @@ def ffn_layers(model):
     return [m for m in model.modules() if hasattr(m, "moe_gate")]
 
 
-def add_quality_gates(model, init_mean=0.0, init_std=0.02, trash_mode="zero"):
-    """Give every MixLoRA FFN that lacks one a quality gate (Linear D -> 1, no bias, init
-    N(init_mean, init_std), as moe_lora.MixLoRAFFN builds it) and set the trash mode of all of them;
-    record the settings in model.adapter_config so that save_adapter/load_adapter keep the gates."""
+def add_quality_gates(model, trash_mode="zero"):
+    """Give every MixLoRA FFN that lacks one a quality gate (MixLoRAFFN.add_quality_gate, init from the
+    adapter config's quality_gate_init_mean/std) and set the trash mode of all of them; record the
+    settings in model.adapter_config so that save_adapter/load_adapter keep the gates."""
     layers = ffn_layers(model)
     if not layers:
         raise ValueError("a quality gate needs MoE layers: load or create a MixLoRA adapter first")
     if trash_mode not in ("zero", "noise"):
         raise ValueError(f"--trash-mode: expected zero or noise, got {trash_mode!r} (custom needs code)")
+    cfg = model.adapter_config
     for m in layers:
         if m.quality_gate is None:
-            D, dev = m.gate_proj.weight.shape[1], m.gate_proj.weight.device
-            m.quality_gate = nn.Linear(D, 1, bias=False, device=dev)  # (1, D) fp32
-            nn.init.normal_(m.quality_gate.weight, init_mean, init_std)
+            m.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std)
         m.trash_mode = trash_mode
-    cfg = model.adapter_config
     cfg.quality_gate, cfg.trash_expert_mode = True, trash_mode
     return model
 

@@ -38,11 +38,10 @@ import train
 from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, load_peft_adapter, lora_layers,
     lora_plus_param_groups, mark_trainable, merge_adapters, save_merged, save_peft_adapter,
     unmerge_adapters)
-from losses import (classification_loss, dynamic_load_balancing_loss, lm_loss, load_balancing_loss, quality_loss,
-    router_z_loss, switch_aux_loss, total_loss)
+from losses import classification_loss, lm_loss, load_balancing_loss, quality_loss, router_z_loss
 from moe_lora import (MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
     router_stats, save_adapter)
-from routers import Router, expert_capacity, switch_weights, top_k_weights, top_p_weights, STRATEGIES
+from routers import Router, RouterConfig, expert_capacity, switch_weights, top_k_weights, top_p_weights, STRATEGIES
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,6 +425,18 @@ def scalar(x):
     return torch.tensor(float(x))
 
 
+def selected(z, strategy="mixlora", **settings):
+    """The experts each token of z (N, E) selects under a strategy: the rule's second output, as the Router
+    returns it (its balance loss counts these)."""
+    cfg = RouterConfig(num_experts=z.shape[-1], routing_strategy=strategy, **settings)
+    return STRATEGIES[strategy].rule(z, torch.ones(z.shape[0], dtype=torch.bool), None, cfg)[1]
+
+
+def lb(layers, strategy="mixlora", mask=None, **settings):
+    """load_balancing_loss on the layers' logits with the strategy's own selection."""
+    return load_balancing_loss(layers, [selected(z, strategy, **settings) for z in layers], mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Router losses
 
@@ -434,26 +445,26 @@ def test_load_balancing_hand_worked_top1_and_top2():
     """Top-1 LB on 3 tokens x 2 experts equals E*sum f P by hand; top-2 of 2 experts gives exactly k=2."""
     # top-1 picks e0, e1, e0: f = [2/3, 1/3]; P = [(.75+.25+.8)/3, (.25+.75+.2)/3] = [.6, .4]
     expected = 2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)                  # = 1.0666...
-    assert_close(load_balancing_loss([Z3], None, top_k=1), scalar(expected))
+    assert_close(lb([Z3], top_k=1), scalar(expected))
     # top-2 with E = 2 selects both experts for every token: f = [1, 1], 2 * (.6 + .4) = 2
-    assert_close(load_balancing_loss([Z3], None, top_k=2), scalar(2.0))
+    assert_close(lb([Z3], top_k=2), scalar(2.0))
 
 
 def test_load_balancing_uniform_gives_k():
-    """Uniform routing gives k for top-k LB (so k*coef after the coefficient), for several E and k."""
+    """Uniform routing gives k for top-k LB (so k*coef after the default coefficient), for several E and k."""
     for e, k in [(4, 2), (8, 2), (8, 1), (6, 3)]:
         z = torch.zeros(10, e)
-        val = load_balancing_loss([z, z, z], torch.ones(10, dtype=torch.bool), k)
+        val = lb([z, z, z], mask=torch.ones(10, dtype=torch.bool), top_k=k)
         assert_close(val, scalar(k))
-        assert_close(losses.ROUTER_AUX_LOSS_COEF * val, scalar(k * 0.001))
+        assert_close(RouterConfig(num_experts=e).router_aux_loss_coef * val, scalar(k * 0.001))
 
 
 def test_router_losses_ignore_masked_padding():
     """Appending padding rows with garbage logits and masking them leaves every router loss unchanged."""
-    for fn, kw in [(load_balancing_loss, {"top_k": 1}), (load_balancing_loss, {"top_k": 2}),
-                   (dynamic_load_balancing_loss, {"top_p": 0.78}), (switch_aux_loss, {}),
-                   (router_z_loss, {})]:
-        assert_close(fn([Z3_PADDED, Z3_PADDED], MASK_PADDED, **kw), fn([Z3, Z3], None, **kw))
+    for strategy, kw in [("mixlora", {"top_k": 1}), ("mixlora", {"top_k": 2}),
+                         ("mixlora-dynamic", {"top_p": 0.78}), ("mixlora-switch", {})]:
+        assert_close(lb([Z3_PADDED, Z3_PADDED], strategy, MASK_PADDED, **kw), lb([Z3, Z3], strategy, **kw))
+    assert_close(router_z_loss([Z3_PADDED, Z3_PADDED], MASK_PADDED), router_z_loss([Z3, Z3]))
 
 
 def test_load_balancing_concatenates_layers():
@@ -461,40 +472,53 @@ def test_load_balancing_concatenates_layers():
     a = torch.tensor([[LN3, 0.0]] * 3)                          # every token -> e0, p = [.75, .25]
     b = torch.tensor([[0.0, LN3]] * 3)                          # every token -> e1, p = [.25, .75]
     # pooled: f = [.5, .5], P = [.5, .5] -> 2 * (.25 + .25) = 1.0 ; per-layer mean would be 2*.75 = 1.5
-    assert_close(load_balancing_loss([a, b], None, top_k=1), scalar(1.0))
-    assert_close(switch_aux_loss([a, b]), scalar(1.0))
+    assert_close(lb([a, b], top_k=1), scalar(1.0))
+    assert_close(lb([a, b], "mixlora-switch"), scalar(1.0))
 
 
 def test_dynamic_load_balancing_hand_worked():
     """Top-p LB: top_p=.78 keeps {e0,e1},{e0,e1},{e0}; temperature divides probabilities before the cut."""
+    dyn = "mixlora-dynamic"
     # f = [3/3, 2/3]; P = [.6, .4] -> 2 * (1*.6 + 2/3*.4) = 1.7333...
-    assert_close(dynamic_load_balancing_loss([Z3], None, top_p=0.78), scalar(2 * (0.6 + 2 / 3 * 0.4)))
+    assert_close(lb([Z3], dyn, top_p=0.78), scalar(2 * (0.6 + 2 / 3 * 0.4)))
     # top_p = .7: every token keeps only its largest expert -> same as top-1
-    assert_close(dynamic_load_balancing_loss([Z3], None, top_p=0.7), scalar(2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)))
+    assert_close(lb([Z3], dyn, top_p=0.7), scalar(2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)))
     # temperature 2: q = p/2 sums to .5, never exceeds .78 -> all kept, f = [1, 1], P untempered: 2
-    assert_close(dynamic_load_balancing_loss([Z3], None, top_p=0.78, temperature=2.0), scalar(2.0))
+    assert_close(lb([Z3], dyn, top_p=0.78, temperature=2.0), scalar(2.0))
     # uniform over 4 experts with top_p .8 keeps all 4 -> the value is the mean experts per token, 4
-    assert_close(dynamic_load_balancing_loss([torch.zeros(5, 4)], None, top_p=0.8), scalar(4.0))
+    assert_close(lb([torch.zeros(5, 4)], dyn, top_p=0.8), scalar(4.0))
 
 
 def test_switch_aux_and_z_loss_hand_worked():
     """Switch aux = E*sum f P with argmax f; z-loss = mean logsumexp^2 = (2 ln^2 4 + ln^2 5)/3."""
-    assert_close(switch_aux_loss([Z3]), scalar(2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)))
+    assert_close(lb([Z3], "mixlora-switch"), scalar(2 * (2 / 3 * 0.6 + 1 / 3 * 0.4)))
     # logsumexp: [ln3, 0] -> ln(3+1) = ln4; [0, ln3] -> ln4; [ln4, 0] -> ln5
     expected = (2 * math.log(4.0) ** 2 + math.log(5.0) ** 2) / 3
     assert_close(router_z_loss([Z3]), scalar(expected))
-    assert_close(switch_aux_loss([torch.zeros(6, 4)]), scalar(1.0))     # uniform -> 1
+    assert_close(lb([torch.zeros(6, 4)], "mixlora-switch"), scalar(1.0))     # uniform -> 1
+
+
+def test_switch_selection_counts_tokens_past_capacity():
+    """The Switch router's selection is the argmax before the capacity cut: a dropped token still counts."""
+    z = torch.tensor([[LN3, 0], [LN4, 0], [LN3, 0]])            # all argmax e0; capacity 1 keeps token 0
+    r = Router(2, RouterConfig(num_experts=2, routing_strategy="mixlora-switch", expert_capacity=1,
+                               jitter_noise=0.0))
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(2))                             # logits = x
+    _, w, sel = r(z)
+    assert_close(w, torch.tensor([[0.75, 0], [0, 0], [0, 0]]))
+    assert sel.tolist() == [[True, False]] * 3
 
 
 def test_router_losses_have_gradients_and_errors():
-    """Router losses are differentiable in the logits; a bad top_k or mask length is a ValueError."""
+    """Router losses are differentiable in the logits; a bad selection shape or mask length is a ValueError."""
     z = Z3.clone().requires_grad_(True)
-    (load_balancing_loss([z], None, 1) + router_z_loss([z]) + dynamic_load_balancing_loss([z])).backward()
+    (lb([z], top_k=1) + router_z_loss([z]) + lb([z], "mixlora-dynamic")).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="top_k"):
-        load_balancing_loss([Z3], None, top_k=3)
+    with pytest.raises(ValueError, match="selected"):
+        load_balancing_loss([Z3], [selected(Z3)[:2]])
     with pytest.raises(ValueError, match="token_mask"):
-        load_balancing_loss([Z3], torch.ones(4, dtype=torch.bool), top_k=1)
+        load_balancing_loss([Z3], [selected(Z3)], torch.ones(4, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,10 +579,10 @@ def test_switch_padding_consumes_no_capacity():
     w = switch_weights(z, mask, capacity=2)
     assert_close(w, torch.tensor([[0, 0], [0.75, 0], [0, 0], [0.75, 0]]))
     # the Router's default capacity counts only real tokens: ceil(1.0 * 2 / 2) = 1 -> token 3 overflows
-    r = Router(2, 2, "mixlora-switch")
+    r = Router(2, RouterConfig(num_experts=2, routing_strategy="mixlora-switch", jitter_noise=0.0))
     with torch.no_grad():
         r.weight.copy_(torch.eye(2))                             # logits = x
-    _, w = r(z, mask)
+    _, w, _ = r(z, mask)
     assert_close(w, torch.tensor([[0, 0], [0.75, 0], [0, 0], [0, 0]]))
 
 
@@ -569,12 +593,12 @@ def test_switch_padding_consumes_no_capacity():
 def test_router_shapes_dtypes_and_init():
     """Router returns fp32 (N, E) logits and weights for (N, D) or (B, T, D) input, bf16 included."""
     torch.manual_seed(0)
-    r = Router(16, 8, "mixlora", top_k=2, init_range=0.02)
+    r = Router(16, RouterConfig(num_experts=8, routing_strategy="mixlora", top_k=2, router_init_range=0.02))
     assert r.weight.shape == (8, 16) and abs(r.weight.std().item() - 0.02) < 0.01
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    logits, w = r(x, torch.ones(2, 5, dtype=torch.bool))
-    assert logits.shape == (10, 8) and w.shape == (10, 8)
-    assert logits.dtype == torch.float32 and w.dtype == torch.float32
+    logits, w, sel = r(x, torch.ones(2, 5, dtype=torch.bool))
+    assert logits.shape == (10, 8) and w.shape == (10, 8) and sel.shape == (10, 8)
+    assert logits.dtype == torch.float32 and w.dtype == torch.float32 and sel.dtype == torch.bool
     assert_close(w.sum(-1), torch.ones(10))
     assert_close(logits, x.reshape(10, 16).float() @ r.weight.T)
 
@@ -582,28 +606,29 @@ def test_router_shapes_dtypes_and_init():
 def test_switch_router_works_at_eval():
     """Switch routing in eval mode routes tokens (not identity, not all zero) and equals training w/o jitter."""
     torch.manual_seed(0)
-    r = Router(8, 4, "mixlora-switch", capacity_factor=2.0, init_range=1.0, jitter_noise=0.01).eval()
+    r = Router(8, RouterConfig(num_experts=4, routing_strategy="mixlora-switch", capacity_factor=2.0,
+                               router_init_range=1.0, jitter_noise=0.01)).eval()
     x = torch.randn(12, 8)
-    logits, w = r(x)
+    logits, w, _ = r(x)
     assert w.abs().sum() > 0 and ((w > 0).sum(-1) <= 1).all()
     p = logits.softmax(-1)
     routed = w.sum(-1) > 0
     assert_close(w.sum(-1)[routed], p.max(-1).values[routed])    # routed tokens weighted by p_max
-    r.jitter_noise = 0.0
+    r.config.jitter_noise = 0.0
     assert_close(r.train()(x)[1], w)
 
 
 def test_jitter_only_in_training_and_out_of_place():
     """Jitter changes the logits in training only, and never modifies the caller's input tensor."""
     torch.manual_seed(0)
-    r = Router(8, 4, "mixlora", jitter_noise=0.1, init_range=0.5)
+    r = Router(8, RouterConfig(num_experts=4, jitter_noise=0.1, router_init_range=0.5))
     x = torch.randn(6, 8)
     x0 = x.clone()
     clean = x @ r.weight.T
-    train_logits, _ = r.train()(x)
+    train_logits, _, _ = r.train()(x)
     assert_close(x, x0, rtol=0, atol=0)                          # input untouched
     assert not torch.allclose(train_logits, clean)
-    eval_logits, _ = r.eval()(x)
+    eval_logits, _, _ = r.eval()(x)
     assert_close(eval_logits, clean)
 
 
@@ -611,8 +636,8 @@ def test_router_gradients_reach_weight():
     """Every strategy's weights carry gradient back to the router weight."""
     torch.manual_seed(0)
     for strategy in routers.STRATEGIES:
-        r = Router(8, 4, strategy, top_k=2, init_range=0.5)
-        _, w = r(torch.randn(6, 8))
+        r = Router(8, RouterConfig(num_experts=4, routing_strategy=strategy, router_init_range=0.5, jitter_noise=0.0))
+        _, w, _ = r(torch.randn(6, 8))
         (w * torch.arange(4.0)).sum().backward()
         assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0, strategy
 
@@ -621,25 +646,40 @@ def test_single_expert_routes_everything_with_weight_one():
     """E = 1 (k = 1): every strategy gives every real token weight 1 on the only expert."""
     x = torch.randn(2, 3, 4)
     for strategy in routers.STRATEGIES:
-        _, w = Router(4, 1, strategy, top_k=1)(x)
+        _, w, sel = Router(4, RouterConfig(num_experts=1, routing_strategy=strategy, top_k=1))(x)
         assert_close(w, torch.ones(6, 1))
+        assert sel.all()
+
+
+def test_every_strategy_weights_only_selected_experts():
+    """For every row of the strategy table: fp32 weights >= 0 that are non-zero only on selected experts, and
+    every strategy default (router init, jitter, loss coefficients) resolved to a number."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 7, 16), torch.rand(3, 7) > 0.2
+    for strategy in routers.STRATEGIES:
+        cfg = RouterConfig(num_experts=6, routing_strategy=strategy, router_init_range=0.5)
+        assert all(isinstance(getattr(cfg, k), float) for k in routers.STRATEGY_DEFAULTS), strategy
+        _, w, sel = Router(16, cfg)(x, mask)
+        assert w.dtype == torch.float32 and sel.dtype == torch.bool and (w >= 0).all(), strategy
+        assert not (w[~sel] > 0).any() and sel.any(-1).all(), strategy
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_experts=4, strategy="mixlora", top_k=5), "top_k"),
-    (dict(num_experts=4, strategy="mixlora", top_k=0), "top_k"),
-    (dict(num_experts=4, strategy="mixlora-dynamic", top_p=0.0), "top_p"),
-    (dict(num_experts=4, strategy="mixlora-dynamic", top_p=1.5), "top_p"),
-    (dict(num_experts=4, strategy="mixlora-switch", capacity_factor=0.0), "capacity_factor"),
-    (dict(num_experts=4, strategy="mixlora-switch", expert_capacity=0), "expert_capacity"),
-    (dict(num_experts=0, strategy="mixlora"), "num_experts"),
-    (dict(num_experts=4, strategy="top3"), "routing_strategy"),
-    (dict(num_experts=4, strategy="mixlora-dynamic", temperature=-1.0), "temperature"),
+    (dict(num_experts=4, routing_strategy="mixlora", top_k=5), "top_k"),
+    (dict(num_experts=4, routing_strategy="mixlora", top_k=0), "top_k"),
+    (dict(num_experts=4, routing_strategy="mixlora-dynamic", top_p=0.0), "top_p"),
+    (dict(num_experts=4, routing_strategy="mixlora-dynamic", top_p=1.5), "top_p"),
+    (dict(num_experts=4, routing_strategy="mixlora-switch", capacity_factor=0.0), "capacity_factor"),
+    (dict(num_experts=4, routing_strategy="mixlora-switch", expert_capacity=0), "expert_capacity"),
+    (dict(num_experts=0, routing_strategy="mixlora"), "num_experts"),
+    (dict(num_experts=4, routing_strategy="top3"), "routing_strategy"),
+    (dict(num_experts=4, routing_strategy="mixlora-dynamic", temperature=-1.0), "temperature"),
+    (dict(num_experts=4, router_z_loss_coef=-0.1), "router_z_loss_coef"),
 ])
 def test_bad_router_config_is_one_line_value_error(kwargs, match):
-    """Each bad router setting raises a one-line ValueError naming the setting."""
+    """Each bad router setting, an unknown strategy included, raises a one-line ValueError naming it."""
     with pytest.raises(ValueError, match=match) as err:
-        Router(8, **kwargs)
+        RouterConfig(**kwargs)
     assert "\n" not in str(err.value)
 
 
@@ -701,8 +741,8 @@ def test_quality_loss_masked_padding_changes_nothing(kind, sample_wise):
     y = torch.tensor([1.0, 0.0])
     s_other = S1.clone()
     s_other[~QMASK] = torch.tensor([-30.0, 4.0, 11.0])
-    a = quality_loss([S1, S2], QMASK, kind, sample_wise, labels=y)
-    b = quality_loss([s_other, S2], QMASK, kind, sample_wise, labels=y)
+    a = quality_loss([S1, S2], QMASK, kind, sample_wise=sample_wise, labels=y)
+    b = quality_loss([s_other, S2], QMASK, kind, sample_wise=sample_wise, labels=y)
     assert_close(a, b)
 
 
@@ -715,7 +755,7 @@ def test_quality_loss_gradient_reaches_gate_weight(kind, sample_wise):
     w = torch.nn.Parameter(torch.randn(8) * 0.5)                 # one gate weight shared for the test
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     gates = [u[l] @ w for l in range(2)]                         # L x (B, T)
-    loss = quality_loss(gates, mask, kind, sample_wise, labels=torch.tensor([1.0, 0.0, 1.0]))
+    loss = quality_loss(gates, mask, kind, sample_wise=sample_wise, labels=torch.tensor([1.0, 0.0, 1.0]))
     loss.backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
 
@@ -731,13 +771,13 @@ def test_quality_loss_errors_and_empty_mask():
     empty = torch.zeros(2, 3, dtype=torch.bool)
     for kind in losses.QUALITY_LOSS_KINDS:
         for sw in (False, True):
-            v = quality_loss([S1], empty, kind, sw, labels=torch.ones(2))
+            v = quality_loss([S1], empty, kind, sample_wise=sw, labels=torch.ones(2))
             assert torch.isfinite(v)
     assert_close(quality_loss([S1], empty, "sigmoid"), scalar(0.0))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Task losses and the total
+# Task losses and the training objective
 
 
 def test_lm_loss_matches_hand_computed_cross_entropy():
@@ -795,23 +835,23 @@ def test_classification_loss_single_and_multi_label():
         classification_loss(logits, torch.tensor([1, 0]), multi_label=True)
 
 
-def test_total_loss_formula():
-    """total = CE + aux_coef * (LB + w_q * L_q) + z_coef * Z, with missing terms as 0."""
-    ce, lb, q, z = scalar(2.0), scalar(2.0), scalar(0.3), scalar(5.0)
-    assert_close(total_loss(ce, lb, z, q), scalar(2.0 + 0.001 * (2.0 + 1.0 * 0.3) + 0.001 * 5.0))
-    assert_close(total_loss(ce, lb, quality=q, router_aux_loss_coef=0.01, quality_loss_weight=0.5),
-                 scalar(2.0 + 0.01 * (2.0 + 0.5 * 0.3)))
-    assert_close(total_loss(ce), ce)
-
-
-def test_losses_and_routers_share_the_top_p_rule():
-    """losses' top-p selection matches routers.top_p_weights' non-zero pattern on random logits."""
-    torch.manual_seed(0)
-    z = torch.randn(50, 6) * 2
-    for top_p, temp in [(0.5, 0.0), (0.9, 0.0), (0.6, 0.7)]:
-        a = losses._top_p_selection(z.softmax(-1), top_p, temp) > 0
-        b = top_p_weights(z, top_p, temp) > 0
-        assert (a == b).all()
+def test_training_objective_formula():
+    """adapter_losses (the objective train.py and bench.py use): CE + aux_coef * (LB + w_q * L_q) + z_coef * Z
+    by hand on 3 tokens x 2 experts, the z-loss by default for Switch only, no terms for plain layers."""
+    # gate logits [0, ln3, -ln3] -> g = [.5, .75, .25], token-wise mean L_q = .5; Switch LB = 1.0666...
+    s = torch.tensor([[0.0, LN3, -LN3]])                                  # (B=1, T=3)
+    aux = [{"router_logits": Z3, "router_selected": selected(Z3, "mixlora-switch"), "gate_logits": s}, None]
+    lb_switch, z = 2 * (2 / 3 * 0.6 + 1 / 3 * 0.4), (2 * math.log(4.0) ** 2 + math.log(5.0) ** 2) / 3
+    cfg = MixLoRAConfig(num_experts=2, routing_strategy="mixlora-switch", quality_gate=True,
+                        router_aux_loss_coef=0.01, quality_loss_weight=0.5, sample_wise_averaging=False)
+    terms = losses.adapter_losses(aux, None, cfg)
+    assert_close(scalar(2.0) + sum(terms.values()), scalar(2.0 + 0.01 * (lb_switch + 0.5 * 0.5) + 0.001 * z))
+    assert_close(terms["z"], scalar(0.001 * z))
+    aux[0]["router_selected"] = selected(Z3, "mixlora", top_k=1)         # top-1 picks the same experts
+    terms = losses.adapter_losses(aux, None, MixLoRAConfig(num_experts=2, top_k=1))
+    assert set(terms) == {"aux"}                                          # no z-loss, no gate for top-k
+    assert_close(terms["aux"], scalar(0.001 * lb_switch))
+    assert losses.adapter_losses([None, None], None, cfg) == {}
 
 
 def test_oracle_hf_mixtral_load_balancing_and_switch_z_loss():
@@ -822,8 +862,8 @@ def test_oracle_hf_mixtral_load_balancing_and_switch_z_loss():
     torch.manual_seed(0)
     gates = tuple(torch.randn(10, 6) * 2 for _ in range(3))     # L x (N, E), N = 2 x 5
     am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    assert_close(load_balancing_loss(gates, am.bool(), 2), load_balancing_loss_func(gates, 6, 2, am))
-    assert_close(load_balancing_loss(gates, None, 2), load_balancing_loss_func(gates, 6, 2, None))
+    assert_close(lb(gates, mask=am.bool(), top_k=2), load_balancing_loss_func(gates, 6, 2, am))
+    assert_close(lb(gates, top_k=2), load_balancing_loss_func(gates, 6, 2, None))
     assert_close(router_z_loss(gates), router_z_loss_func(torch.stack(gates)))
 
 
