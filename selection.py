@@ -20,16 +20,18 @@ moe_lora.py, its losses in losses.py.
     pooled tokens (--quality-tokens, quality_token_mask): the tokens L_q averages over in stage 1 and a_{i,l}
              in stage 2: `all` valid tokens (the reference) or `answer`, the positions that predict an answer
              token. NOTE: `answer` is ours: a bad response leaves the prompt tokens as they are, so the gate
-             cannot tell them apart and per-sample labels on them are noise (see the end-to-end check below).
+             cannot tell them apart and per-sample labels on them are noise (the README's end-to-end check).
 
-Commands (train.py glue, flags added by add_selection_args):
+Commands (stage 1 is training, so it is train.py's --warmup; stages 2 and 2b are this file's):
 
     python train.py --model PATH --data D.json --adapter-path ADAPTER --warmup --quality-loss bce \\
                     --quality-tokens answer --out runs/warm           # stage 1 -> runs/warm/last
-    python train.py --model PATH --data D.json --adapter-path runs/warm/last --score scores.jsonl \\
-                    --quality-tokens answer
-    python train.py --data D.json --score scores.jsonl --select 0.3 --subset subset.jsonl
+    python selection.py --model PATH --data D.json --adapter-path runs/warm/last --score scores.jsonl \\
+                        --quality-tokens answer                       # stage 2
+    python selection.py --data D.json --score scores.jsonl --select 0.05 --subset subset.jsonl   # 2b
     python train.py --model PATH --data subset.jsonl ...              # stage 3: fine-tune on the subset
+    python selection.py --make-mix mix.jsonl --n 200                  # the end-to-end check's data (README)
+    python selection.py --auc scores.jsonl                            # ROC AUC of q against the labels
 
     --score FILE          with --model: score every record of --data, write FILE (.jsonl: one line per
                           sample {"index", "id", "q", "quality_tokens", "label"?, "n_tokens" (pooled),
@@ -38,52 +40,19 @@ Commands (train.py glue, flags added by add_selection_args):
                           Without --model: the scores file that --select reads.
     --select FRACTION     choose floor(N * FRACTION) samples (0 < FRACTION <= 1); the reference uses
                           0.0125 (stage_2_selection.yaml) or 0.05 (continue_selection.yaml)
-    --subset FILE         where the subset goes (default <out>/selected.jsonl); the records are the
+    --subset FILE         where the subset goes (default out/selected.jsonl); the records are the
                           input's, unchanged, in file order; a summary goes to FILE.summary.json
     --quality-tokens all|answer  positions L_q and q pool over (default all, the reference's)
     --num-clusters 26, --kmeans-iters 300, --selection-seed 42: the reference's defaults
 
-End-to-end check (SmolLM2-135M, CPU, 1 thread per run, fp32, --max-len 128, fresh experts, no base
-adapter): mix A = 200 alpaca records, 100 of them given the output of another record ("quality": 0);
-mix B = 200 other records corrupted the same way (held out: no record of A), made by
-    python selection.py --make-mix mixA.jsonl --rest restA.jsonl --n 200
-    python selection.py --make-mix mixB.jsonl --rest restB.jsonl --n 200 --source restA.jsonl
-warm-up on A, batch 16, W 10000 (coef 0.001), lr 5e-3:
-    python train.py --model M --max-len 128 --threads 1 --dtype float32 --data mixA.jsonl --eval-data mixB.jsonl \\
-        --max-eval 16 --no-eval-before --warmup --quality-loss L --quality-loss-weight 10000 \\
-        --quality-tokens T --lr 5e-3 --epochs 2 --batch-size 16 --out w          # 25 steps, ~630 s
-    python train.py --model M --max-len 128 --threads 1 --data mixA.jsonl --adapter-path w/last \\
-        --score sA.jsonl --quality-tokens T                                      # ~80 s for 200
-and the same --score on mixB.jsonl. ROC AUC of q, clean vs corrupted:
+How well q separates clean from corrupted records on the end-to-end check (ROC AUC) is in the README's
+results, with the commands that made it.
 
-    loss, pooled tokens            steps   A (200, in-sample)   B (200, held out)   A[:100]
-    bce, all (the reference)       25      0.809                0.667               0.829
-    bce, answer                    25      0.887                0.769               0.900
-    bce, answer, +1 epoch (*)      38      0.934                0.834               0.945
-    sigmoid, answer                3       -                    -                   0.419
-    mse, answer                    3       -                    -                   0.427
-    beta_moment_matching, answer   3       -                    -                   0.389
-    mean_variance_regularization   3       -                    -                   0.389 (= the row above)
-    (*) --warmup --adapter-path w/last --epochs 1 --seed 43 on top of the 25-step bce/answer run
-        (fresh AdamW state); ~310 s.
-
-Pooling over the answer positions beats the reference's all-token pooling at equal cost (+0.08 in
-sample, +0.10 held out); with 38 steps bce reaches 0.93 in sample but generalises less to unseen
-records (0.834). The unsupervised losses (3 steps only, for lack of time, so their gates are still
-close to their random init N(0, 0.02); scored on the first 100 records of A, 52 corrupted) know
-nothing of the corruption: their AUC is chance or below and says nothing about the loss itself.
-Earlier run with `all` pooling (SmolLM2-135M, one H100, fp32; 400 records, 200 corrupted; a MixLoRA
-adapter trained 1 epoch on the 599 other records first; scored in sample): bce 0.549 (lr 1e-3, 48
-steps, W 1000), 0.656 (lr 1e-2, 95 steps, W 1000), 0.752 (lr 3e-3, 95 steps, W 10000); sigmoid, mse,
-beta_moment_matching, mean_variance_regularization 0.52-0.53 (lr 1e-3 and 1e-2); on the CPU, 96
-records, fresh experts, bce, W 10000, lr 2e-3, 36 steps, in sample: 0.905. With a near-zero
-spread of g the two moment losses have the same gradient (w_var * 2 * beta_target_var = lambda_var).
-`python selection.py --auc SCORES` recomputes the AUC from a scores file.
-
-Checked by test_selection.py: q equals a hand recomputation from the gate logits (over all valid
-tokens; with --quality-tokens answer over exactly the answer positions, prompt gate logits and padding
-changing nothing), k-means recovers separable clusters, round-robin order and rounding, the subset
-holds the exact records, AUC on a hand-worked case, the error paths. Shape legend: N samples, B batch, T time, L layers, E experts.
+Checked in test_all.py (the selection.py tests): q equals a hand recomputation from the gate logits
+(over all valid tokens; with --quality-tokens answer over exactly the answer positions, prompt gate
+logits and padding changing nothing), k-means recovers separable clusters, round-robin order and
+rounding, the subset holds the exact records, AUC on a hand-worked case, the command line (warm-up,
+score, select), the error paths. Shape legend: N samples, B batch, T time, L layers, E experts.
 """
 
 import argparse
@@ -100,6 +69,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import data
+import llama
+from kernels import keep_freed_memory
+from moe_lora import load_adapter
 
 FRACTION_ERROR = "--select: the fraction must be in (0, 1], got {}"
 QUALITY_TOKENS = ("all", "answer")                                     # see quality_token_mask
@@ -417,90 +389,6 @@ def write_subset(path, records, indices):
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py glue
-
-
-def add_selection_args(parser):
-    """The Select-MoE scoring/selection flags of train.py (the warm-up flags live in train.py)."""
-    a = parser.add_argument
-    a("--score", metavar="FILE", help="with --model: score every record of --data with the quality gate of "
-      "--adapter-path and write FILE (.jsonl or .safetensors); without --model: the scores --select reads")
-    a("--select", type=float, metavar="FRACTION", help="choose floor(N * FRACTION) samples of --data by quality, "
-      "round-robin over routing clusters (reference: 0.0125 or 0.05)")
-    a("--subset", metavar="FILE", help="where --select writes the chosen records (default <out>/selected.jsonl)")
-    a("--num-clusters", type=int, default=26, help="k of the cosine k-means on routing features (reference: 26)")
-    a("--kmeans-iters", type=int, default=300, help="maximum k-means iterations (reference: 300)")
-    a("--selection-seed", type=int, default=42, help="seed of the k-means++ initialisation (reference: 42)")
-    a("--quality-tokens", default="all", choices=QUALITY_TOKENS, help="positions the quality loss (--warmup) and "
-      "the score q (--score) pool over: all valid tokens (reference) or answer, those that predict a target token; "
-      "warm up and score with the same choice")
-    return parser
-
-
-def load_records(args):
-    """The records of the single --data file (scoring and selection need the file, not a task)."""
-    if not args.data or "," in args.data:
-        raise ValueError("--score/--select need exactly one --data file")
-    return data.read_records(args.data)
-
-
-def run_selection(args, model=None, tok=None, device="cpu", ctx=None, log=print):
-    """--score (needs model and tok) and then --select; returns {"scores": path, "subset": path, ...}."""
-    if args.select is not None and not (0 < args.select <= 1):
-        raise ValueError(FRACTION_ERROR.format(args.select))
-    if not args.score:
-        raise ValueError("--select needs --score FILE (the scores to select by)")
-    records, result = load_records(args), {}
-    labels = [r.get("quality") for _, r in records]
-    if model is not None:
-        # targets as the warm-up's (answer tokens, or all with --train-on-prompt) for --quality-tokens answer
-        on_prompt = getattr(args, "train_on_prompt", False)
-        items = [data.encode(tok, data.record_to_example(r, where, tok, "score"), args.max_len, on_prompt)
-                 for where, r in records]
-        order = sorted(range(len(items)), key=lambda i: -len(items[i]["ids"]))  # longest first, as the reference
-        bs = args.eval_batch_size
-        batches = (data.collate([items[i] for i in order[j:j + bs]], tok.pad_id) for j in range(0, len(order), bs))
-        t0 = time.time()
-        s = score_dataset(model, batches, device, ctx, total=len(items), tokens=args.quality_tokens)
-        inv = torch.argsort(torch.tensor(order))                       # back to file order
-        s = {k: v[inv] for k, v in s.items()}
-        write_scores(args.score, s, record_ids(records), labels, args.quality_tokens)
-        if (s["n_tokens"] == 0).any():
-            log(f"warning: {int((s['n_tokens'] == 0).sum())} samples have no {args.quality_tokens} tokens; their q is 0.5")
-        log(f"scored {len(items)} samples over {args.quality_tokens} tokens in {time.time() - t0:.0f}s -> {args.score}: q mean {s['q'].mean():.4f} "
-            f"std {s['q'].std():.4f} min {s['q'].min():.4f} max {s['q'].max():.4f}")
-        result["scores"] = args.score
-    sc = read_scores(args.score)
-    if len(sc["ids"]) != len(records):
-        raise ValueError(f"{args.score} has {len(sc['ids'])} samples but {args.data} has {len(records)} records; "
-                         "score this data file first")
-    lab = sc["label"]
-    if (lab == 1).any() and (lab == 0).any():
-        keep = ~lab.isnan()
-        result["auc"] = roc_auc(sc["q"][keep], lab[keep])
-        log(f"ROC AUC of q against the records' quality labels: {result['auc']:.4f} ({int(keep.sum())} labelled)")
-    if args.select is not None:
-        chosen, clusters = select(sc["q"], sc["routing"], args.select, args.num_clusters, args.kmeans_iters,
-                                  args.selection_seed)
-        path = args.subset or os.path.join(args.out, "selected.jsonl")
-        write_subset(path, records, chosen)
-        sizes = torch.bincount(clusters).tolist()
-        taken = torch.bincount(clusters[chosen], minlength=len(sizes)).tolist()
-        summary = {"data": args.data, "scores": args.score, "quality_tokens": sc["quality_tokens"],
-                   "fraction": args.select, "n": len(records),
-                   "selected": len(chosen), "clusters": len(sizes), "cluster_sizes": sizes, "cluster_taken": taken,
-                   "q_mean_all": float(sc["q"].mean()), "q_mean_selected": float(sc["q"][chosen].mean()),
-                   "selected_ids": [sc["ids"][i] for i in chosen]}
-        with open(path + ".summary.json.tmp", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(path + ".summary.json.tmp", path + ".summary.json")
-        log(f"selected {len(chosen)} of {len(records)} ({args.select:g}) over {len(sizes)} clusters -> {path}; "
-            f"mean q {summary['q_mean_selected']:.4f} (all {summary['q_mean_all']:.4f})")
-        result.update(subset=path, selected=chosen)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------
 # The end-to-end check's data: clean records and corrupted copies (outputs shuffled across examples)
 
 
@@ -519,27 +407,172 @@ def make_corrupted_mix(records, n, corrupt_fraction=0.5, seed=0):
     return pick, [r for i, r in enumerate(records) if i not in set(drawn)]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Stages 2 and 2b from the command line
+
+
+def load_model(args):
+    """--model with the warmed-up adapter of --adapter-path on --device, and the autocast context of
+    --dtype (train.py's rule: bf16 on a GPU that supports it, else fp32)."""
+    if not args.adapter_path:
+        raise ValueError("--score with --model needs --adapter-path: a MixLoRA adapter warmed up with quality "
+                         "gates (train.py --warmup)")
+    keep_freed_memory()  # as train.py (see kernels.py)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cpu":  # as train.py's --threads 0: one thread on a busy machine, else all cores
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(args.threads or (1 if os.getloadavg()[0] >= cores else cores))
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    model = llama.from_pretrained(args.model, dtype=torch.float32, device=device)
+    tok = llama.load_tokenizer(args.model)
+    args.max_len = min(args.max_len, model.config.context_length)
+    load_adapter(model, args.adapter_path)
+    return model, tok, device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def load_records(args):
+    """The records of the single --data file (scoring and selection need the file, not a task)."""
+    if not args.data or "," in args.data:
+        raise ValueError("--score/--select need exactly one --data file")
+    return data.read_records(args.data)
+
+
+def score_records(args, records, model, tok, device="cpu", ctx=None, log=print):
+    """Stage 2: score the records of --data, longest first as the reference batches them, and write
+    --score in file order; returns the path."""
+    # targets as the warm-up's (answer tokens, or all with --train-on-prompt) for --quality-tokens answer
+    items = [data.encode(tok, data.record_to_example(r, where, tok, "score"), args.max_len, args.train_on_prompt)
+             for where, r in records]
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["ids"]))  # longest first, as the reference
+    bs = args.batch_size
+    batches = (data.collate([items[i] for i in order[j:j + bs]], tok.pad_id) for j in range(0, len(order), bs))
+    t0 = time.time()
+    s = score_dataset(model, batches, device, ctx, total=len(items), tokens=args.quality_tokens)
+    inv = torch.argsort(torch.tensor(order))                           # back to file order
+    s = {k: v[inv] for k, v in s.items()}
+    write_scores(args.score, s, record_ids(records), [r.get("quality") for _, r in records], args.quality_tokens)
+    if (s["n_tokens"] == 0).any():
+        log(f"warning: {int((s['n_tokens'] == 0).sum())} samples have no {args.quality_tokens} tokens; their q is 0.5")
+    log(f"scored {len(items)} samples over {args.quality_tokens} tokens in {time.time() - t0:.0f}s -> {args.score}: q mean {s['q'].mean():.4f} "
+        f"std {s['q'].std():.4f} min {s['q'].min():.4f} max {s['q'].max():.4f}")
+    return args.score
+
+
+def select_records(args, records, sc, log=print):
+    """Stage 2b: select from the scores `sc` (read_scores), write --subset and its summary beside it;
+    returns (the indices in the order taken, the subset's path)."""
+    chosen, clusters = select(sc["q"], sc["routing"], args.select, args.num_clusters, args.kmeans_iters,
+                              args.selection_seed)
+    path = args.subset
+    write_subset(path, records, chosen)
+    sizes = torch.bincount(clusters).tolist()
+    taken = torch.bincount(clusters[chosen], minlength=len(sizes)).tolist()
+    summary = {"data": args.data, "scores": args.score, "quality_tokens": sc["quality_tokens"],
+               "fraction": args.select, "n": len(records),
+               "selected": len(chosen), "clusters": len(sizes), "cluster_sizes": sizes, "cluster_taken": taken,
+               "q_mean_all": float(sc["q"].mean()), "q_mean_selected": float(sc["q"][chosen].mean()),
+               "selected_ids": [sc["ids"][i] for i in chosen]}
+    with open(path + ".summary.json.tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".summary.json.tmp", path + ".summary.json")
+    log(f"selected {len(chosen)} of {len(records)} ({args.select:g}) over {len(sizes)} clusters -> {path}; "
+        f"mean q {summary['q_mean_selected']:.4f} (all {summary['q_mean_all']:.4f})")
+    return chosen, path
+
+
+def run_selection(args, model=None, tok=None, device="cpu", ctx=None, log=print):
+    """--score (with a model: write it; without: read it), the AUC when the records have quality labels,
+    then --select; returns {"scores": path, "auc": float, "subset": path, "selected": [index], ...}."""
+    if args.select is not None and not (0 < args.select <= 1):
+        raise ValueError(FRACTION_ERROR.format(args.select))
+    if not args.score:
+        raise ValueError("--select needs --score FILE (the scores to select by)")
+    records, result = load_records(args), {}
+    if model is not None:
+        result["scores"] = score_records(args, records, model, tok, device, ctx, log)
+    sc = read_scores(args.score)
+    if len(sc["ids"]) != len(records):
+        raise ValueError(f"{args.score} has {len(sc['ids'])} samples but {args.data} has {len(records)} records; "
+                         "score this data file first")
+    lab = sc["label"]
+    if (lab == 1).any() and (lab == 0).any():
+        keep = ~lab.isnan()
+        result["auc"] = roc_auc(sc["q"][keep], lab[keep])
+        log(f"ROC AUC of q against the records' quality labels: {result['auc']:.4f} ({int(keep.sum())} labelled)")
+    if args.select is not None:
+        result["selected"], result["subset"] = select_records(args, records, sc, log)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+parser = argparse.ArgumentParser(description="Select-MoE stages 2 and 2b: score the records of a data file by "
+                                 "the quality gates of a warmed-up MixLoRA adapter (train.py --warmup), select a "
+                                 "subset; and the end-to-end check's data and its ROC AUC.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
+# stage 2: scoring
+arg("--model", help="Hugging Face Llama checkpoint folder; with --score: score --data with it")
+arg("--adapter-path", help="MixLoRA adapter folder with quality gates (train.py --warmup writes <out>/last)")
+arg("--data", help="the one data file to score and select from (alpaca JSON/JSONL, chat 'messages', 'text')")
+arg("--score", metavar="FILE", help="with --model: score every record of --data with the quality gate of "
+    "--adapter-path and write FILE (.jsonl or .safetensors); without --model: the scores --select reads")
+arg("--quality-tokens", default="all", choices=QUALITY_TOKENS, help="positions the score q pools over: all valid "
+    "tokens (reference) or answer, those that predict a target token; the same as the warm-up's")
+arg("--train-on-prompt", action="store_true", help="targets over the whole text, as a warm-up with it (for answer)")
+arg("--max-len", type=int, default=512, help="truncate records to this many tokens (train.py's default)")
+arg("--batch-size", type=int, default=16, help="records per scoring forward pass (longest first)")
+arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32. Weights stay fp32")
+arg("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+arg("--threads", type=int, default=0, help="CPU threads; 0 = all cores, or 1 when the machine is already busy")
+# stage 2b: selection
+arg("--select", type=float, metavar="FRACTION", help="choose floor(N * FRACTION) samples of --data by quality, "
+    "round-robin over routing clusters (reference: 0.0125 or 0.05)")
+arg("--subset", metavar="FILE", default=os.path.join("out", "selected.jsonl"),
+    help="where --select writes the chosen records (.json: a JSON list, else JSONL)")
+arg("--num-clusters", type=int, default=26, help="k of the cosine k-means on routing features (reference: 26)")
+arg("--kmeans-iters", type=int, default=300, help="maximum k-means iterations (reference: 300)")
+arg("--selection-seed", type=int, default=42, help="seed of the k-means++ initialisation (reference: 42)")
+# the end-to-end check
+arg("--make-mix", metavar="OUT", help="write a clean/corrupted alpaca mix as JSONL to OUT")
+arg("--source", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                     "data", "alpaca", "alpaca_en_demo.json"), help="alpaca file to mix")
+arg("--n", type=int, default=300, help="records in the mix")
+arg("--corrupt-fraction", type=float, default=0.5, help="share of corrupted records")
+arg("--rest", metavar="OUT", help="with --make-mix: write the source records not drawn to OUT")
+arg("--auc", metavar="SCORES", help="print the ROC AUC of q in SCORES against its labels")
+
+
+def main(argv=None):
+    """--make-mix, then --score (with --model) and --select, then --auc; no task at all prints the usage."""
+    args = parser.parse_args(argv)
+    if not (args.make_mix or args.score or args.select is not None or args.auc):
+        parser.error("nothing to do: give --score (with --model to write it), --select, --make-mix or --auc")
+    result = {}
+    if args.make_mix:
+        mix, rest = make_corrupted_mix([r for _, r in data.read_records(args.source)], args.n, args.corrupt_fraction)
+        write_subset(args.make_mix, [(None, r) for r in mix], range(len(mix)))
+        print(f"wrote {len(mix)} records ({sum(r['quality'] == 0 for r in mix)} corrupted) to {args.make_mix}")
+        if args.rest:
+            write_subset(args.rest, [(None, r) for r in rest], range(len(rest)))
+            print(f"wrote the {len(rest)} records not drawn to {args.rest}")
+    if args.score or args.select is not None:
+        model, tok, device, ctx = load_model(args) if args.model else (None, None, "cpu", None)
+        result = run_selection(args, model, tok, device, ctx)
+    if args.auc:
+        sc = read_scores(args.auc)
+        keep = ~sc["label"].isnan()
+        result["auc"] = roc_auc(sc["q"][keep], sc["label"][keep])
+        print(f"ROC AUC {result['auc']:.4f} over {int(keep.sum())} labelled samples")
+    return result
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Select-MoE helpers: the end-to-end check's data and its AUC.")
-    p.add_argument("--make-mix", metavar="OUT", help="write a clean/corrupted alpaca mix as JSONL to OUT")
-    p.add_argument("--source", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                    "data", "alpaca", "alpaca_en_demo.json"), help="alpaca file to mix")
-    p.add_argument("--n", type=int, default=300, help="records in the mix")
-    p.add_argument("--corrupt-fraction", type=float, default=0.5, help="share of corrupted records")
-    p.add_argument("--rest", metavar="OUT", help="with --make-mix: write the source records not drawn to OUT")
-    p.add_argument("--auc", metavar="SCORES", help="print the ROC AUC of q in SCORES against its labels")
-    args = p.parse_args()
     try:
-        if args.make_mix:
-            mix, rest = make_corrupted_mix([r for _, r in data.read_records(args.source)], args.n, args.corrupt_fraction)
-            write_subset(args.make_mix, [(None, r) for r in mix], range(len(mix)))
-            print(f"wrote {len(mix)} records ({sum(r['quality'] == 0 for r in mix)} corrupted) to {args.make_mix}")
-            if args.rest:
-                write_subset(args.rest, [(None, r) for r in rest], range(len(rest)))
-                print(f"wrote the {len(rest)} records not drawn to {args.rest}")
-        if args.auc:
-            sc = read_scores(args.auc)
-            keep = ~sc["label"].isnan()
-            print(f"ROC AUC {roc_auc(sc['q'][keep], sc['label'][keep]):.4f} over {int(keep.sum())} labelled samples")
+        main()
     except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

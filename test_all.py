@@ -10,7 +10,6 @@ Run: python -m pytest -q test_all.py
 Sections: llama.py | routers.py and losses.py | lora.py | moe_lora.py | data.py and train.py | selection.py
 """
 
-import argparse
 import copy
 import json
 import math
@@ -2034,10 +2033,8 @@ def alpaca_file(path, n=12):
 
 
 def selection_args(**kw):
-    p = argparse.ArgumentParser()
-    selection.add_selection_args(p)
-    args = p.parse_args([])
-    args.data, args.max_len, args.eval_batch_size, args.out = None, 64, 4, "out"
+    args = selection.parser.parse_args([])
+    args.max_len, args.batch_size = 64, 4
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -2263,10 +2260,8 @@ def test_errors_are_one_line_value_errors(tmp_path):
 
 
 def test_train_warmup_score_select_commands(tmp_path):
-    """train.py --warmup trains only gates and routers; --score then --select write scores and the subset."""
+    """train.py --warmup trains only gates and routers; selection.py --score then --select write scores and the subset."""
     train = pytest.importorskip("train")
-    if not hasattr(train, "selection"):
-        pytest.skip("train.py has no Select-MoE flags yet")
     model = llama.LlamaForCausalLM(tiny_model().config)
     llama.save_pretrained(model, str(tmp_path / "ckpt"))
     tiny_tokenizer(tmp_path / "ckpt")
@@ -2284,11 +2279,25 @@ def test_train_warmup_score_select_commands(tmp_path):
     assert moved and all("moe_gate" in k for k in moved)               # experts and attention LoRA frozen
     assert any("quality_gate" in k for k in warm) and not any("quality_gate" in k for k in base)
     scores, sub = str(tmp_path / "s.jsonl"), str(tmp_path / "sub.jsonl")
-    train.main(common + ["--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
+    selection.main(["--model", ck, "--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
+                    "--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
     assert [json.loads(line)["quality_tokens"] for line in open(scores)] == ["answer"] * 16
-    train.main(["--data", d, "--score", scores, "--select", "0.25", "--subset", sub, "--num-clusters", "2"])
+    selection.main(["--data", d, "--score", scores, "--select", "0.25", "--subset", sub, "--num-clusters", "2"])
     assert all(r in recs for _, r in data.read_records(sub)) and len(data.read_records(sub)) == 4
     assert json.load(open(sub + ".summary.json"))["quality_tokens"] == "answer"
+    with pytest.raises(ValueError, match="--adapter-path"):                  # scoring a model without gates
+        selection.main(["--model", ck, "--data", d, "--score", scores])
+    with pytest.raises(SystemExit):                                         # the Select-MoE flags left train.py
+        train.main(common + ["--score", scores])
+
+
+def test_selection_cli_usage_and_errors(tmp_path):
+    """python selection.py alone prints its usage and exits non-zero; a user mistake is one line, no traceback."""
+    exe = os.path.join(HERE, "selection.py")
+    p = subprocess.run([sys.executable, exe], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.startswith("usage: selection.py") and "nothing to do" in p.stderr
+    p = subprocess.run([sys.executable, exe, "--auc", str(tmp_path / "none.jsonl")], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith("error: ")
 
 
 def load_file_tensors(folder):

@@ -18,10 +18,7 @@ in losses.py.
     python train.py --model PATH --task boolq --out runs/b --resume    # continue runs/b/checkpoint
     torchrun --nproc_per_node 2 train.py --model PATH --task boolq      # data parallel (gloo / NCCL)
     python train.py --model PATH --data D.json --adapter-path A --warmup --quality-loss bce \\
-                    --quality-tokens answer --out runs/w
-    python train.py --model PATH --data D.json --adapter-path runs/w/last --score s.jsonl --select 0.05 \\
-                    --quality-tokens answer
-                                                  # Select-MoE warm-up, scoring, selection (selection.py)
+                    --quality-tokens answer --out runs/w   # Select-MoE warm-up; then selection.py scores
 
 Reference: MoE-PEFT's trainer (../shared/reference/mixlora.md section 9): AdamW with weight decay
 0.01 on adapter parameters, LoRA+ groups, warmup + schedule, accumulation of micro-batches, router
@@ -124,8 +121,8 @@ arg("--log-every", type=int, default=1, help="print a progress line every N opti
 arg("--save-every", type=int, default=0, help="write out/checkpoint every N steps (0 = at eval and at the end)")
 arg("--resume", action="store_true", help="continue from <out>/checkpoint (adapter, optimiser, step, RNG)")
 arg("--eval-only", action="store_true", help="only evaluate (the base model, or --adapter-path) and exit")
-arg("--adapter-path", help="adapter folder to evaluate with --eval-only, warm up with --warmup, or score with --score")
-# Select-MoE (selection.py): stage 1 warm-up here, then --score / --select
+arg("--adapter-path", help="adapter folder to evaluate with --eval-only or warm up with --warmup")
+# Select-MoE: stage 1 warm-up here, then selection.py --score / --select
 arg("--quality-gate", action="store_true", help="add a Select-MoE quality gate g and trash expert to every MixLoRA FFN")
 arg("--warmup", action="store_true", help="Select-MoE stage 1: train only the quality gates and routers (adds the "
   "gates), on --adapter-path (a trained MixLoRA adapter) or on fresh experts")
@@ -136,7 +133,9 @@ arg("--quality-loss-weight", type=float, default=1.0,
   help="loss = CE + router_aux_loss_coef * (LB + weight * L_q) (reference stage 1: 1, with coef 0.01)")
 arg("--sample-wise", action=argparse.BooleanOptionalAction, default=True,
   help="average L_q per sample, then over samples (reference stage 1: on)")
-selection.add_selection_args(parser)
+arg("--quality-tokens", default="all", choices=selection.QUALITY_TOKENS, help="positions the quality loss pools "
+  "over: all valid tokens (reference) or answer, those that predict a target token; score with the same "
+  "selection.py --quality-tokens")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,12 +403,11 @@ def adapter_config(args):
 
 
 def add_adapter(run):
-    """---- 3. the adapter: --adapter-path as it is (evaluation, scoring), with quality gates added
-    (Select-MoE warm-up), or a fresh one; then mark what trains."""
+    """---- 3. the adapter: --adapter-path as it is (evaluation), with quality gates added (Select-MoE
+    warm-up), or a fresh one; then mark what trains."""
     args, model = run.args, run.model
     torch.manual_seed(args.seed)  # same adapter init on every process
-    scoring = args.score is not None or args.select is not None
-    if args.eval_only or scoring:
+    if args.eval_only:
         if args.adapter_path:
             load_adapter(model, args.adapter_path)
     elif args.warmup and args.adapter_path:  # Select-MoE stage 1 on a trained MixLoRA adapter
@@ -437,7 +435,7 @@ def add_adapter(run):
         if not args.adapter_path:
             run.log("warning: --warmup on fresh experts: they are all the base FFN, so routing means little "
                     "(select_moe.md sec. 8); warm up a trained MixLoRA adapter with --adapter-path")
-    run.log(f"model {args.model}: {n_total / 1e6:.1f}M parameters, adapter {args.adapter if not (args.eval_only or scoring) else args.adapter_path or 'none'}"
+    run.log(f"model {args.model}: {n_total / 1e6:.1f}M parameters, adapter {args.adapter if not args.eval_only else args.adapter_path or 'none'}"
             f" with {n_train / 1e6:.3f}M trainable ({100 * n_train / n_total:.2f}%); device {run.device}, "
             f"{'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)" + (f" x {args.threads} threads" if args.threads else ""))
 
@@ -687,16 +685,11 @@ def main(argv=None):
     ({"eval": results} with --eval-only)."""
     args = parser.parse_args(argv)
     keep_freed_memory()  # ~10% faster steps on CPU (see kernels.py)
-    if args.select is not None and not args.model:  # Select-MoE stage 2b alone: scores + data, no model
-        return selection.run_selection(args)
     set_defaults(args)
     run = setup_processes(args)
     train_items = load_model_and_data(run)
     add_adapter(run)
-    # modes that do not train branch here
-    if args.score is not None or args.select is not None:  # Select-MoE stage 2 (and 2b with --select)
-        return selection.run_selection(args, run.model, run.tok, run.device, run.ctx, run.log) if run.rank == 0 else {}
-    if args.eval_only:
+    if args.eval_only:  # the one mode that does not train
         results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx) if run.rank == 0 else {}
         run.log(format_results(results))
         return {"eval": results}
