@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100  # target value of a position with no loss (PyTorch's cross-entropy convention)
 TASK_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "commonsense")
 
@@ -48,6 +49,7 @@ class Example:
     task: str = ""           # name reported in the metrics ("arc-e", "demo", file name)
     bos: bool = True         # prepend BOS as the tokenizer does by default (False: the chat template has it)
     eos: bool = False        # append EOS after the answer, so generation learns to stop
+    where: str = ""          # "file:line" of the record, for error messages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,8 +60,13 @@ def read_records(path):
     """Return [(where, record dict)]; `where` is "file:line" (JSONL) or "file[item]" (JSON list)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
     if not text.strip():
         raise ValueError(f"{path}: empty file, expected a JSON list or JSON lines")
     if text.lstrip().startswith("["):
@@ -102,13 +109,13 @@ def record_to_example(r, where, tokenizer, task):
     if "label" in r:                                       # classification
         lab = r["label"]
         ok = isinstance(lab, int) or (isinstance(lab, list) and all(isinstance(x, int) for x in lab))
-        if not ok or isinstance(lab, bool):
-            raise ValueError(f"{where}: 'label' must be an int or a list of ints, got {lab!r}")
+        if not ok or isinstance(lab, bool) or min(lab if isinstance(lab, list) else [lab], default=0) < 0:
+            raise ValueError(f"{where}: 'label' must be a class id >= 0 or a list of them, got {lab!r}")
         if "sentence1" in r:
             return Example(_text(r, "sentence1", where), kind="cls", label=lab, task=task,
-                           prompt2=_text(r, "sentence2", where))
+                           prompt2=_text(r, "sentence2", where), where=where)
         key = "sentence" if "sentence" in r else "text"
-        return Example(_text(r, key, where), kind="cls", label=lab, task=task)
+        return Example(_text(r, key, where), kind="cls", label=lab, task=task, where=where)
     if "instruction" in r:                                 # alpaca
         # NOTE: we append EOS so the model learns to stop; the reference appends "\n" and no EOS.
         return Example(alpaca_prompt(_text(r, "instruction", where), _text(r, "input", where, False)),
@@ -118,6 +125,9 @@ def record_to_example(r, where, tokenizer, task):
         if (not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and
                                                                    isinstance(m.get("content"), str) for m in msgs)):
             raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        unknown = [m["role"] for m in msgs if m["role"] not in CHAT_ROLES]
+        if unknown:
+            raise ValueError(f"{where}: unknown chat role {unknown[0]!r} (expected one of {', '.join(CHAT_ROLES)})")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must have role 'assistant' (it is the target)")
         # NOTE: only the last assistant turn is a target; earlier turns are context.
@@ -130,6 +140,15 @@ def record_to_example(r, where, tokenizer, task):
         return Example("", _text(r, "text", where), task=task)
     raise ValueError(f"{where}: unknown record format (keys {sorted(r)}); expected instruction/output, "
                      "messages, text, or sentence/label")
+
+
+def check_labels(examples, num_labels, source):
+    """Every class id of classification examples must be below num_labels (from `source`, a flag or an
+    adapter's head): checked when the data loads, not at the first batch that holds a bad one."""
+    for e in examples:
+        bad = [l for l in (e.label if isinstance(e.label, list) else [e.label]) if l >= num_labels]
+        if e.kind == "cls" and bad:
+            raise ValueError(f"{e.where or e.task}: label {bad[0]} is out of range for {num_labels} classes ({source})")
 
 
 def load_data(path, tokenizer):

@@ -68,7 +68,10 @@ class LlamaConfig:
     torch_dtype: str | None = None
 
     def __post_init__(self):
+        check_config_types(self)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"config.json: hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         arch = (self.architectures or ["?"])[0]
         if arch not in ARCHITECTURES:
@@ -93,16 +96,36 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path):
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json_object(path)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "max_position_embeddings")
+
+
+def check_config_types(cfg):
+    """One-line errors for values of config.json that would otherwise fail deep inside torch: sizes must
+    be positive integers (head counts and head_dim too, when given), eps and theta positive numbers."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for name in SIZES + ("num_key_value_heads", "head_dim"):
+        v = getattr(cfg, name)
+        if (v is not None or name in SIZES) and not (number(v) and v == int(v) and v > 0):
+            raise ValueError(f"config.json: {name}={v!r} is not a positive integer")
+        if v is not None:
+            setattr(cfg, name, int(v))  # 576.0 -> 576
+    for name in ("rms_norm_eps", "rope_theta"):
+        if not (number(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise ValueError(f"config.json: {name}={getattr(cfg, name)!r} is not a positive number")
+    if cfg.sliding_window is not None and not (number(cfg.sliding_window) and cfg.sliding_window >= 0):
+        raise ValueError(f"config.json: sliding_window={cfg.sliding_window!r} is not a non-negative integer")
+    if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, dict):
+        raise ValueError(f"config.json: rope_scaling={cfg.rope_scaling!r} is not an object")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,6 +328,18 @@ class LlamaForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Loading and saving Hugging Face checkpoint folders
 
+def read_json_object(fn):
+    """The JSON object in file fn, with one-line errors naming the file."""
+    with open(fn, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{fn}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{fn}: expected a JSON object, got a {type(raw).__name__}")
+    return raw
+
+
 def _safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -332,7 +367,10 @@ def _read_tensors(files, dtype):
                 names = list(f.keys())
             for name in names:
                 with safe_open(fn, framework="pt") as f:
-                    yield name, f.get_tensor(name).to(dtype)
+                    t = f.get_tensor(name)
+                if not t.is_floating_point():  # an integer tensor would be cast silently, and mean nothing
+                    raise ValueError(f"{fn}: tensor {name!r} has dtype {t.dtype}, expected a floating-point type")
+                yield name, t.to(dtype)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             if isinstance(e, (ValueError, FileNotFoundError)) and str(e).startswith(fn):
                 raise
@@ -341,7 +379,8 @@ def _read_tensors(files, dtype):
 
 def from_pretrained(path, dtype=torch.float32, device="cpu"):
     """Load a Hugging Face checkpoint folder. The model is built on the meta device and the tensors are
-    assigned as they are read, so no randomly initialised copy is ever allocated."""
+    assigned as they are read, so no randomly initialised copy is ever allocated. Integer-typed and
+    non-finite tensors are refused with an error naming them."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -361,6 +400,8 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
             raise ValueError(f"{path}: unexpected tensor {name!r} (not part of a {cfg.architectures[0]})")
         if tuple(t.shape) != tuple(expected[name]):
             raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+        if not bool(torch.isfinite(t).all()):  # a NaN weight poisons every output; refuse it here, by name
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or inf values (in {str(dtype).removeprefix('torch.')})")
         sd[name] = t.to(device)
     missing = sorted(set(expected) - set(sd))
     if missing:
@@ -406,12 +447,14 @@ class Tokenizer:
         fn = os.path.join(path, "tokenizer.json")
         if not os.path.exists(fn):
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        self.tok = HFTokenizer.from_file(fn)
+        try:
+            self.tok = HFTokenizer.from_file(fn)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{fn}: not a valid tokenizer file ({str(e).splitlines()[0][:120]})") from None
         conf = {}
         for name in ("special_tokens_map.json", "generation_config.json", "tokenizer_config.json"):
             if os.path.exists(os.path.join(path, name)):  # later files win
-                with open(os.path.join(path, name)) as f:
-                    conf.update({k: v for k, v in json.load(f).items() if v is not None})
+                conf.update({k: v for k, v in read_json_object(os.path.join(path, name)).items() if v is not None})
         self.conf = conf
         self.bos_id = self._token_id(conf.get("bos_token"), conf.get("bos_token_id"))
         self.eos_id = self._token_id(conf.get("eos_token"), conf.get("eos_token_id"))
@@ -466,7 +509,18 @@ class Tokenizer:
 
 
 def load_tokenizer(path):
-    return Tokenizer(path)
+    """The folder's tokenizer. With a config.json beside it, every token id (and BOS/EOS/PAD) must have a
+    row in the model's embedding: a larger id would fail at the first batch that holds it."""
+    tok = Tokenizer(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        vocab = LlamaConfig.from_json(os.path.join(path, "config.json")).vocab_size
+        top = max(tok.tok.get_vocab(with_added_tokens=True).values(), default=0)
+        if top >= vocab:
+            raise ValueError(f"{path}: tokenizer.json has token ids up to {top}, but config.json vocab_size={vocab}")
+        for what, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+            if not (isinstance(i, int) and 0 <= i < vocab) and i is not None:
+                raise ValueError(f"{path}: {what} token id {i!r} is not in [0, vocab_size={vocab})")
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------------

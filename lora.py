@@ -340,11 +340,14 @@ def config_from_peft(d, where="adapter_config.json"):
     target = d.get("target_modules")
     if isinstance(target, str) and target != "all-linear" and target not in PROJECTIONS:
         raise ValueError(f"{where}: regex target_modules {target!r} is not supported; list the module names")
-    return LoraConfig(r=d.get("r"), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
-                      target_modules=target or [], use_rslora=bool(d.get("use_rslora", False)),
-                      use_dora=bool(d.get("use_dora", False)), bias=d.get("bias", "none"),
-                      init_lora_weights="gaussian" if init == "gaussian" else "original",
-                      task_type=d.get("task_type") or "CAUSAL_LM")
+    try:
+        return LoraConfig(r=d.get("r"), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
+                          target_modules=target or [], use_rslora=bool(d.get("use_rslora", False)),
+                          use_dora=bool(d.get("use_dora", False)), bias=d.get("bias", "none"),
+                          init_lora_weights="gaussian" if init == "gaussian" else "original",
+                          task_type=d.get("task_type") or "CAUSAL_LM")
+    except (TypeError, ValueError) as e:  # a value of the wrong type or range
+        raise ValueError(f"{where}: {e}") from None
 
 
 def adapter_state_dict(model):
@@ -391,20 +394,30 @@ def read_adapter_files(path):
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found (is {path!r} an adapter folder?)")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(config).__name__}")
     st, bin_ = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
-    if os.path.isfile(st):
-        return config, load_file(st)
-    if os.path.isfile(bin_):  # many published adapters are torch.save'd dicts; weights_only is safe to unpickle
-        return config, torch.load(bin_, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: neither adapter_model.safetensors nor adapter_model.bin found")
+    fn = st if os.path.isfile(st) else bin_
+    if not os.path.isfile(fn):
+        raise FileNotFoundError(f"{path}: neither adapter_model.safetensors nor adapter_model.bin found")
+    try:  # many published adapters are torch.save'd dicts; weights_only refuses any pickled code
+        tensors = load_file(fn) if fn == st else torch.load(fn, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and pickle raise their own types for truncated or foreign files
+        raise ValueError(f"{fn}: not a readable adapter file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
+        raise ValueError(f"{fn}: expected a dict of tensors")
+    return config, tensors
 
 
 def copy_adapter_tensors(params, tensors, path, optional=None):
     """Copy the file's tensors into the model's adapter parameters {name: Parameter}: every file tensor
     must have a parameter and every parameter a tensor of its shape (names ending in `optional` may be
-    absent: DoRA magnitudes, which the reference never saves)."""
+    absent: DoRA magnitudes, which the reference never saves). NaN, inf or integer tensors are refused."""
     for key in tensors:
         if key not in params:
             raise ValueError(f"{path}: tensor {key} has no matching module in the model")
@@ -416,6 +429,10 @@ def copy_adapter_tensors(params, tensors, path, optional=None):
                 raise ValueError(f"{path}: tensor {key} missing from the adapter file")
             if tuple(tensors[key].shape) != tuple(p.shape):
                 raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
+            if not tensors[key].is_floating_point():
+                raise ValueError(f"{path}: tensor {key} has dtype {tensors[key].dtype}, expected floating point")
+            if not bool(torch.isfinite(tensors[key]).all()):  # a NaN adapter is never evaluated
+                raise ValueError(f"{path}: tensor {key} holds NaN or inf values")
             p.copy_(tensors[key].to(p.dtype))
 
 

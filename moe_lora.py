@@ -476,8 +476,11 @@ def load_adapter(model, path, trash_expert=None):
     config, tensors = lora.read_adapter_files(path)
     if config.get("peft_type") != "MIXLORA":
         return lora.load_peft_adapter(model, path)
-    cfg = MixLoRAConfig.from_dict(config)
     where = os.path.join(path, "adapter_config.json")
+    try:
+        cfg = MixLoRAConfig.from_dict(config)
+    except (TypeError, ValueError) as e:  # a value of the wrong type or range
+        raise ValueError(f"{where}: {e}") from None
     for key, t in tensors.items():
         m = re.search(r"\.experts\.(\d+)\.", key)
         if key.endswith("moe_gate.weight") and t.shape[0] != cfg.num_experts or m and int(m.group(1)) >= cfg.num_experts:

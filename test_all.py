@@ -279,10 +279,13 @@ def _corrupt(tmp_path, how):
         cfg = json.load(open(tmp_path / "config.json"))
         cfg["architectures"] = ["GPT2LMHeadModel"]
         json.dump(cfg, open(tmp_path / "config.json", "w"))
-    elif how == "rope":
+    elif how in ("rope", "str_hidden", "neg_heads"):
         cfg = json.load(open(tmp_path / "config.json"))
-        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+        cfg.update({"rope": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "str_hidden": {"hidden_size": "32"},
+                    "neg_heads": {"num_attention_heads": -4}}[how])
         json.dump(cfg, open(tmp_path / "config.json", "w"))
+    elif how == "list_config":
+        open(tmp_path / "config.json", "w").write("[1, 2]")
     elif how == "truncated":
         data = open(fn, "rb").read()
         open(fn, "wb").write(data[: len(data) // 2])
@@ -294,6 +297,10 @@ def _corrupt(tmp_path, how):
             sd["model.layers.9.mlp.up_proj.weight"] = torch.zeros(1)
         elif how == "shape":
             sd["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 32)
+        elif how == "int_weight":
+            sd["model.norm.weight"] = torch.ones(32, dtype=torch.int32)
+        elif how == "nan_weight":
+            sd["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
         save_file(sd, fn)
     return str(tmp_path)
 
@@ -302,12 +309,30 @@ def _corrupt(tmp_path, how):
     ("no_config", "no config.json"), ("bad_json", "not valid JSON"), ("arch", "GPT2LMHeadModel"),
     ("rope", "'yarn'"), ("truncated", "safetensors"), ("missing", "model.norm.weight"),
     ("extra", "model.layers.9.mlp.up_proj.weight"), ("shape", "model.layers.1.self_attn.k_proj.weight"),
+    ("list_config", "expected a JSON object"), ("str_hidden", "hidden_size='32' is not a positive integer"),
+    ("neg_heads", "num_attention_heads=-4"), ("int_weight", "'model.norm.weight' has dtype torch.int32"),
+    ("nan_weight", "'model.layers.1.mlp.up_proj.weight' holds NaN"),
 ])
 def test_bad_checkpoint_errors(tmp_path, how, words):
     """Each broken checkpoint stops with a one-line error that names the problem."""
     path = _corrupt(tmp_path, how)
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         llama.from_pretrained(path)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("how,words", [
+    ("tokenizer.json", "tokenizer.json: not a valid tokenizer file"),
+    ("tokenizer_config.json", "tokenizer_config.json: not valid JSON"),
+    ("vocab", "but config.json vocab_size=20"),
+])
+def test_bad_tokenizer_errors(tmp_path, how, words):
+    """A corrupt tokenizer file, or a vocab_size below the tokenizer's ids, is refused in one line naming it."""
+    write_tiny_checkpoint(tmp_path, vocab_size=20 if how == "vocab" else 48)
+    if how != "vocab":
+        (tmp_path / how).write_text('{"version": ')
+    with pytest.raises(ValueError) as e:
+        llama.load_tokenizer(str(tmp_path))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
@@ -1257,6 +1282,36 @@ def test_bad_inputs(tmp_path):
         inject_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
 
 
+@pytest.mark.parametrize("fmt", ["lora", "mixlora", "mixlora-bin"])
+@pytest.mark.parametrize("how,words", [
+    ("weights", "not a readable adapter file"), ("config", "adapter_config.json: not valid JSON"),
+    ("list", "adapter_config.json: expected a JSON object"), ("r", "adapter_config.json: r must be a positive integer"),
+    ("inf", "holds NaN or inf values"), ("int", "expected floating point"),
+])
+def test_corrupt_adapter_files_are_one_line_errors(tmp_path, fmt, how, words):
+    """A truncated weights file, a broken or ill-typed config, a NaN/inf or integer tensor: one line naming the file."""
+    if fmt == "lora":
+        save_peft_adapter(inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])), str(tmp_path / "a"))
+    else:
+        save_adapter(mixlora_model(), tmp_path / "a", format="mixlora" if fmt == "mixlora-bin" else "peft")
+    weights = next(p for p in (tmp_path / "a").iterdir() if p.name.startswith("adapter_model"))
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    if how == "weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how in ("config", "list"):
+        cfg_path.write_text('{"peft' if how == "config" else "[1]")
+    elif how == "r":
+        cfg_path.write_text(json.dumps({**json.load(open(cfg_path)), "r": "8"}))
+    else:
+        sd = lora.read_adapter_files(str(tmp_path / "a"))[1]
+        key = sorted(sd)[0]
+        sd[key] = torch.full_like(sd[key], float("inf")) if how == "inf" else sd[key].int()
+        torch.save(sd, weights) if weights.suffix == ".bin" else lora.save_file(sd, str(weights))
+    with pytest.raises(ValueError) as e:
+        load_adapter(tiny_llama(), tmp_path / "a")
+    assert words in str(e.value) and str(tmp_path / "a") in str(e.value) and "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # PEFT interop (runs only where transformers + peft are installed, e.g. /work/venv-hf/bin/python -m pytest)
 
@@ -1986,6 +2041,30 @@ def test_errors_in_process(ckpt, tmp_path):
         run(ckpt, tmp_path / "o", "--task", "arc-x")
     with pytest.raises(FileNotFoundError, match="--resume"):
         run(ckpt, tmp_path / "fresh", "--resume")
+
+
+@pytest.mark.parametrize("rows,words", [
+    (b'{"text": "the cat"}\n{"text": "\xff\xfe"}\n', "bad.jsonl:2: not valid UTF-8 (byte 0xff)"),
+    (b'{"sentence": "the cat", "label": 0}\n{"sentence": "the dog", "label": -1}\n', "bad.jsonl:2: 'label' must be"),
+    (b'{"sentence": "the cat", "label": [0, -2]}\n', "bad.jsonl:1: 'label' must be"),
+    (b'{"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "yes"}]}\n',
+     "bad.jsonl:1: unknown chat role 'usr'"),
+])
+def test_bad_records_are_refused_when_the_data_loads(ckpt, tmp_path, rows, words):
+    """Invalid UTF-8, a negative label and an unknown chat role are found at load time, naming file and line."""
+    (tmp_path / "bad.jsonl").write_bytes(rows)
+    with pytest.raises(ValueError) as e:
+        data.load_data(str(tmp_path / "bad.jsonl"), llama.load_tokenizer(ckpt))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_labels_beyond_the_head_are_refused_by_record(ckpt, tmp_path):
+    """A class id >= the number of classes names its file and line, before any training step."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"sentence": "the cat", "label": 0}, {"sentence": "the dog", "label": [1, 5]}])
+    items = data.load_data(path, llama.load_tokenizer(ckpt))
+    data.check_labels(items, 6, "--num-labels")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: label 5 is out of range for 2 classes \(--num-labels\)"):
+        data.check_labels(items, 2, "--num-labels")
 
 
 def test_cli_errors_are_one_line(ckpt, tmp_path):
