@@ -1905,6 +1905,18 @@ def test_scoring_restricted_to_own_options(ckpt):
     assert r["accuracy"] == 1.0 and r["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cli_adapter_config_equals_the_api_default(strategy):
+    """train.py --adapter S builds exactly MixLoRAConfig(routing_strategy=S) (the z-loss for Switch only);
+    a flag given overrides the strategy's default."""
+    cfg = train.adapter_config(train.parser.parse_args(["--adapter", strategy]))
+    assert cfg == MixLoRAConfig(routing_strategy=strategy)
+    assert (cfg.router_z_loss_coef > 0) == (strategy == "mixlora-switch")
+    cfg = train.adapter_config(train.parser.parse_args(["--adapter", strategy, "--router-z-loss-coef", "0.5",
+                                                        "--jitter-noise", "0.2"]))
+    assert cfg == MixLoRAConfig(routing_strategy=strategy, router_z_loss_coef=0.5, jitter_noise=0.2)
+
+
 def test_demo_task_disjoint():
     """The built-in task's train and test questions are disjoint and every answer is an option."""
     tr, te = data.demo_task()

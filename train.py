@@ -50,13 +50,21 @@ import selection
 from kernels import keep_freed_memory
 from lora import LoraConfig, lora_plus_param_groups, mark_trainable
 from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
+from routers import STRATEGIES, RouterConfig
 
 GET_CHECKPOINT = ("get one with `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR` "
                   "or, offline, `python ../shared/tools/smollm2_checkpoint.py --out DIR`")
 SPARK = "▁▂▃▄▅▆▇█"
 
 # ----------------------------------------------------------------------------------------------------
-# Command line
+# Command line. Router defaults come from routers.py (RouterConfig, STRATEGIES); a flag left at None takes
+# the strategy's default there, so this script trains what MixLoRAConfig(routing_strategy=...) builds.
+
+
+def strategy_defaults(key):
+    """The per-strategy default of a config key, for a help text: 'mixlora 0, ..., mixlora-switch 0.01'."""
+    return ", ".join(f"{name} {getattr(s, key):g}" for name, s in STRATEGIES.items())
+
 
 parser = argparse.ArgumentParser(description="Fine-tune a Llama checkpoint with LoRA / DoRA / MixLoRA.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,7 +72,7 @@ arg = parser.add_argument
 arg("--model", help="Hugging Face Llama checkpoint folder (config.json, *.safetensors, tokenizer.json)")
 arg("--out", default="out", help="output folder: log.jsonl, checkpoint/, best/ and last/ adapters")
 # adapter
-arg("--adapter", default="mixlora", choices=["lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch"],
+arg("--adapter", default="mixlora", choices=["lora", "dora", *STRATEGIES],
   help="adapter type; the mixlora* variants differ in routing (top-k, top-p, Switch top-1)")
 arg("--r", type=int, default=8, help="LoRA rank (of every expert for MixLoRA)")
 arg("--lora-alpha", type=float, default=16, help="LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
@@ -72,16 +80,17 @@ arg("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch
 arg("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
   help="comma-separated projections to adapt (MixLoRA: gate/up/down become experts)")
 arg("--use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
-arg("--num-experts", type=int, default=8, help="MixLoRA experts per FFN")
-arg("--top-k", type=int, default=2, help="experts per token (mixlora)")
-arg("--top-p", type=float, default=0.8, help="probability mass kept per token (mixlora-dynamic)")
-arg("--temperature", type=float, default=0.0, help="router temperature (mixlora-dynamic; 0 = off)")
-arg("--capacity-factor", type=float, default=1.0, help="expert capacity factor (mixlora-switch)")
-arg("--jitter-noise", type=float, default=None,
-  help="multiplicative router input noise in training; default 0.01 for mixlora-switch, else 0 (reference)")
-arg("--router-aux-loss-coef", type=float, default=0.001, help="load-balancing loss coefficient (reference code: 0.001)")
-arg("--router-z-loss-coef", type=float, default=None,
-  help="router z-loss coefficient; default 0.001 for mixlora-switch and 0 otherwise, as in the reference")
+arg("--num-experts", type=int, default=RouterConfig.num_experts, help="MixLoRA experts per FFN")
+arg("--top-k", type=int, default=RouterConfig.top_k, help="experts per token (mixlora)")
+arg("--top-p", type=float, default=RouterConfig.top_p, help="probability mass kept per token (mixlora-dynamic)")
+arg("--temperature", type=float, default=RouterConfig.temperature, help="router temperature (mixlora-dynamic; 0 = off)")
+arg("--capacity-factor", type=float, default=RouterConfig.capacity_factor, help="expert capacity factor (mixlora-switch)")
+arg("--jitter-noise", type=float, default=None, help="multiplicative router input noise in training; None = the "
+  f"strategy's (reference): {strategy_defaults('jitter_noise')}")
+arg("--router-aux-loss-coef", type=float, default=None, help="load-balancing loss coefficient; None = the strategy's "
+  f"(reference code): {strategy_defaults('router_aux_loss_coef')}; --warmup on --adapter-path keeps the adapter's")
+arg("--router-z-loss-coef", type=float, default=None, help="router z-loss coefficient; None = the strategy's "
+  f"(reference): {strategy_defaults('router_z_loss_coef')}")
 arg("--adapter-format", default="peft", choices=["peft", "mixlora"], help="file format of saved adapters")
 # data
 arg("--task", help="comma-separated tasks: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, demo")
@@ -129,7 +138,7 @@ arg("--warmup", action="store_true", help="Select-MoE stage 1: train only the qu
 arg("--trash-mode", default="zero", choices=["zero", "noise"], help="trash expert, weighted by 1 - g (overrides the adapter's)")
 arg("--quality-loss", default="sigmoid", choices=losses.QUALITY_LOSS_KINDS,
   help="quality-gate loss L_q; bce needs a 'quality' label (1 good, 0 bad) on every training record")
-arg("--quality-loss-weight", type=float, default=1.0,
+arg("--quality-loss-weight", type=float, default=losses.QUALITY_LOSS_WEIGHT,
   help="loss = CE + router_aux_loss_coef * (LB + weight * L_q) (reference stage 1: 1, with coef 0.01)")
 arg("--sample-wise", action=argparse.BooleanOptionalAction, default=True,
   help="average L_q per sample, then over samples (reference stage 1: on)")
@@ -386,9 +395,8 @@ def load_model_and_data(run):
 
 
 def adapter_config(args):
-    """The LoraConfig or MixLoRAConfig of a fresh adapter, from the adapter flags."""
-    z_coef = args.router_z_loss_coef if args.router_z_loss_coef is not None else (
-        0.001 if args.adapter == "mixlora-switch" else 0.0)  # NOTE: the reference has a z-loss for Switch only
+    """The LoraConfig or MixLoRAConfig of a fresh adapter, from the adapter flags (None: the strategy's default,
+    filled in by MixLoRAConfig, e.g. the reference's z-loss for mixlora-switch only)."""
     common = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                   target_modules=args.target_modules.split(","), use_rslora=args.use_rslora)
     if (args.quality_gate or args.warmup) and args.adapter in ("lora", "dora"):
@@ -398,7 +406,7 @@ def adapter_config(args):
     return MixLoRAConfig(**common, routing_strategy=args.adapter, num_experts=args.num_experts,
                          top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                          capacity_factor=args.capacity_factor, jitter_noise=args.jitter_noise,
-                         router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=z_coef,
+                         router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
                          quality_gate=args.quality_gate or args.warmup, trash_expert_mode=args.trash_mode)
 
 
@@ -413,7 +421,8 @@ def add_adapter(run):
     elif args.warmup and args.adapter_path:  # Select-MoE stage 1 on a trained MixLoRA adapter
         load_adapter(model, args.adapter_path)
         selection.add_quality_gates(model, trash_mode=args.trash_mode)
-        model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
+        if args.router_aux_loss_coef is not None:
+            model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
     else:
         cfg = adapter_config(args)
         if run.kind == "cls":  # HF LlamaForSequenceClassification's head; init as the reference (kaiming, a=sqrt 5)
