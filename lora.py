@@ -76,6 +76,17 @@ class LoraConfig:
             raise ValueError("target_modules is empty")
 
 
+def projection_names(target_modules):
+    """The target projections as a list: from a list, or the reference's {name: bool} dict. Every name must
+    be one of PROJECTIONS (the MoE adapters use it; LoraConfig also takes PEFT's one name / "all-linear")."""
+    if isinstance(target_modules, dict):
+        target_modules = [k for k, v in target_modules.items() if v]
+    names = list(target_modules)
+    if not names or any(t not in PROJECTIONS for t in names):
+        raise ValueError(f"target_modules: expected names from {PROJECTIONS}, got {names}")
+    return names
+
+
 def lora_scaling(lora_alpha, r, use_rslora=False):
     """s = alpha / r (Hu et al. 2021 sec. 4.1), or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023 thm. 3.2)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -203,6 +214,21 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"r={self.r}, scaling={self.scaling:.4g}, dora={self.use_dora}, merged={self.merged}"
+
+
+class LoRAExpert(nn.Module):
+    """One expert's LoRA factors without a base layer (the E experts of a projection share its frozen W0:
+    moe_lora.py, moe_linear.py): A (r, d_in) Kaiming-uniform(a=sqrt(5)) (or N(0, 1/r^2) for "gaussian"),
+    B (d_out, r) zeros; the owner adds a DoRA magnitude m (d_out,) when it needs one."""
+
+    def __init__(self, d_in, d_out, r, init, device):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device))     # (r, d_in) fp32
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))    # (d_out, r) fp32
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ QUALITY_LOSS_KINDS = ("sigmoid", "mse", "bce", "beta_moment_matching", "mean_var
 def _pool_layers(router_logits, token_mask):
     """Concatenate the layers' router logits along the token axis, and tile the mask to match.
 
-    router_logits: a list over layers of (N, E) (any (..., E) is flattened), or one tensor.
+    router_logits: a list over layers of (N, E) (any (..., E) is flattened), or one tensor; a layer may
+    hold P routers' logits one after the other, (P*N, E) (moe_linear.py: a router per projection).
     token_mask: (N,) or (B, T) bool/0-1, True = real token; None = every token counts.
-    Returns z (L*N, E) fp32 and m (L*N,) fp32 0/1.
+    Returns z (M, E) fp32 and m (M,) fp32 0/1, M = L*N (or the sum of the layers' P*N).
     """
     layers = [router_logits] if torch.is_tensor(router_logits) else list(router_logits)
     if not layers:
@@ -57,10 +58,10 @@ def _pool_layers(router_logits, token_mask):
     if token_mask is None:
         return z, torch.ones(z.shape[0], device=z.device)
     m = token_mask.reshape(-1).to(z)                                   # (N,)
-    if z.shape[0] != m.shape[0] * len(layers):
-        raise ValueError(f"token_mask: {m.shape[0]} tokens but each layer has "
-                         f"{z.shape[0] // len(layers)}")
-    return z, m.repeat(len(layers))                                    # (L*N,)
+    rows = [l.numel() // e for l in layers]
+    if any(n % m.shape[0] for n in rows):
+        raise ValueError(f"token_mask: {m.shape[0]} tokens but the layers have {rows} router rows")
+    return z, torch.cat([m.repeat(n // m.shape[0]) for n in rows])     # (M,) tiled per router
 
 
 def _masked_mean(v, m):
@@ -100,9 +101,21 @@ def load_balancing_loss(router_logits, selected, token_mask=None):
     NOTE: the reference's dynamic and Switch losses pass no mask and count padding tokens;
     token_mask=None reproduces them. Huang et al. (2024, sec. 3.2) pair the top-p loss with an
     entropy loss that the reference does not use.
+    Routers with different expert counts (MoLA's per-layer counts, moe_linear.py) are pooled per count
+    g and the losses weighted by each group's share of the router rows: L = sum_g (n_g / n) L_LB(g).
+    With one count (MixLoRA; MoLA as the reference has it, which pools every projection's logits of
+    every layer) that is the single pooled loss above. NOTE: the grouping is ours (one count there).
     """
-    z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
-    layers = [selected] if torch.is_tensor(selected) else list(selected)
+    layers = [router_logits] if torch.is_tensor(router_logits) else list(router_logits)
+    chosen = [selected] if torch.is_tensor(selected) else list(selected)
+    counts = sorted({l.shape[-1] for l in layers})
+    if len(counts) > 1:
+        rows = [l.numel() // l.shape[-1] for l in layers]
+        groups = [[i for i, l in enumerate(layers) if l.shape[-1] == e] for e in counts]
+        return sum(sum(rows[i] for i in g) / sum(rows) *
+                   load_balancing_loss([layers[i] for i in g], [chosen[i] for i in g], token_mask) for g in groups)
+    z, m = _pool_layers(layers, token_mask)                            # (L*N, E), (L*N,)
+    layers = chosen
     s = torch.cat([x.reshape(-1, z.shape[-1]) for x in layers]).float()  # (L*N, E) 0/1
     if s.shape != z.shape:
         raise ValueError(f"selected: expected {tuple(z.shape)} (the router logits' shape), "
@@ -123,6 +136,39 @@ def router_z_loss(router_logits, token_mask=None):
     """
     z, m = _pool_layers(router_logits, token_mask)                     # (L*N, E), (L*N,)
     return _masked_mean(torch.logsumexp(z, dim=-1) ** 2, m)
+
+
+def localized_balancing_loss(router_weights, token_mask, sample_types, blc_alpha):
+    """LoRAMoE's localized balancing constraint (Dou et al. 2023, sec. 3.2), as the authors' code has it.
+
+        Q_b,e = sum_t m_b,t w_b,t,e           importance of expert e for sample b        (B, E)
+        I_b,e = 1 + delta  if expert e is in sample b's group, else 1 - delta
+                group of type-1 samples: the first floor(E/2) experts; type 0: the others
+        L_lbc = Var(Z) / Mean(Z)^2,  Z = I * Q over its B*E entries (unbiased variance, eps 1e-10)
+
+    Z is balanced when the experts of each group share their samples' weight evenly, while delta > 0
+    lets a group take more of its own type's weight. router_weights: a list over routers (projections)
+    of dense routing weights (N, E), N = B*T; token_mask (B, T), True = real token (None: all real);
+    sample_types (B,) 0/1; delta = blc_alpha. Averaged over the routers (a mean, so the coefficient
+    does not depend on depth). Padding: m_b,t = 0, so pads add nothing to Q.
+    NOTE: the authors' code (Ablustrund/LoRAMoE `cv_squared`) sums padding into Q and, for an odd E,
+    builds a mask of E - 1 columns (an error); the second group takes the odd expert here. MoE-PEFT,
+    the reference, leaves the constraint out.
+    """
+    types = torch.as_tensor(sample_types).reshape(-1)                          # (B,)
+    B = types.shape[0]
+    out = []
+    for w in router_weights:
+        E = w.shape[-1]
+        w = w.float().reshape(B, -1, E)                                        # (B, T, E)
+        m = torch.ones(w.shape[:2], device=w.device) if token_mask is None else \
+            token_mask.reshape(B, -1).to(w)                                    # (B, T)
+        Q = (w * m[..., None]).sum(1)                                          # (B, E)
+        first = torch.arange(E, device=w.device) < E // 2                      # (E,) the type-1 group
+        same = first[None, :] == (types.to(w.device)[:, None] == 1)            # (B, E)
+        Z = (Q * torch.where(same, 1.0 + blc_alpha, 1.0 - blc_alpha)).reshape(-1)  # (B*E,)
+        out.append(Z.var() / (Z.mean() ** 2 + 1e-10) if Z.numel() > 1 else Z.sum() * 0.0)
+    return torch.stack(out).mean()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,7 +373,7 @@ def classification_loss(logits, labels, multi_label=False):
 # The training objective
 
 
-def adapter_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
+def adapter_losses(aux, token_mask, cfg, quality=None, quality_mask=None, sample_types=None):
     """The adapter's terms of the training objective, each multiplied by its coefficient, as a dict for
     logging; train.py and bench.py add their sum to the task loss:
 
@@ -343,7 +389,9 @@ def adapter_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
     aux: the model's per-layer outputs (None for plain layers: no terms), each {"router_logits",
     "router_selected", "gate_logits" when gated}; cfg: the adapter config (coefficients, quality
     settings); token_mask (N,) or None; quality: the micro-batch's per-sample labels (bce only);
-    quality_mask: the (N,) tokens L_q averages over (default token_mask; train.py's --quality-tokens)."""
+    quality_mask: the (N,) tokens L_q averages over (default token_mask; train.py's --quality-tokens).
+    LoRAMoE (moe_linear.py): "blc" = blc_weight * localized_balancing_loss when blc_weight > 0, which needs
+    sample_types, the micro-batch's (B,) sample types 0/1; a layer's aux there pools its P routers."""
     aux = [x for x in aux if x is not None]
     if not aux or "router_logits" not in aux[0]:
         return {}
@@ -361,6 +409,11 @@ def adapter_losses(aux, token_mask, cfg, quality=None, quality_mask=None):
                          beta_target_mean=cfg.beta_target_mean, beta_target_var=cfg.beta_target_var,
                          w_mean=cfg.w_mean, w_var=cfg.w_var, lambda_var=cfg.lambda_var)
         terms["quality"] = cfg.router_aux_loss_coef * cfg.quality_loss_weight * q
+    if getattr(cfg, "blc_weight", 0.0):  # LoRAMoE's localized balancing constraint
+        if sample_types is None:
+            raise ValueError("blc_weight > 0 needs a sample type (0 or 1) for every training sample")
+        weights = [w for x in aux for w in x["router_weights"].chunk(x.get("routers", 1))]  # (L*P) x (N, E)
+        terms["blc"] = cfg.blc_weight * localized_balancing_loss(weights, token_mask, sample_types, cfg.blc_alpha)
     return terms
 
 

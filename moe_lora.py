@@ -54,9 +54,11 @@ import lora
 from kernels import Dropout, linear
 from losses import (BETA_TARGET_MEAN, BETA_TARGET_VAR, LAMBDA_VAR, QUALITY_LOSS_KINDS, QUALITY_LOSS_WEIGHT, W_MEAN,
                     W_VAR)
+from moe_linear import REFERENCE_MIN_DROPOUT, ExpertLoRAConfig, LoRAMoEConfig, MoLAConfig, inject_moe_linear
 from routers import STRATEGIES, Router, RouterConfig
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MIXLORA_STRATEGIES = tuple(s for s in STRATEGIES if s.startswith("mixlora"))  # the others: moe_linear.py
 TRASH_MODES = ("zero", "noise", "custom")
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -108,12 +110,10 @@ class MixLoRAConfig(RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()  # the strategy's defaults, router checks (routers.RouterConfig)
-        if isinstance(self.target_modules, dict):  # the reference also accepts {name: bool}
-            self.target_modules = [k for k, v in self.target_modules.items() if v]
-        self.target_modules = list(self.target_modules)
-        bad = [t for t in self.target_modules if t not in lora.PROJECTIONS]
-        if bad or not self.target_modules:
-            raise ValueError(f"target_modules: expected names from {lora.PROJECTIONS}, got {self.target_modules}")
+        if self.routing_strategy not in MIXLORA_STRATEGIES:
+            raise ValueError(f"routing_strategy: {self.routing_strategy!r} routes inside each projection: use "
+                             f"moe_linear.LoRAMoEConfig / MoLAConfig (MixLoRA: {', '.join(MIXLORA_STRATEGIES)})")
+        self.target_modules = lora.projection_names(self.target_modules)  # the reference also takes {name: bool}
         if set(self.expert_lora or {}) - {"r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "bias"}:
             raise ValueError(f"expert_lora: unknown keys in {self.expert_lora}")
         lora.LoraConfig(**self.expert_settings(), target_modules=["x"])  # r, dropout, init checks
@@ -161,27 +161,14 @@ class MixLoRAConfig(RouterConfig):
             if not float(self.lora_alpha).is_integer():
                 raise ValueError(f"lora_alpha={self.lora_alpha}: the reference format needs an integer")
             d["lora_alpha"] = int(self.lora_alpha)
-            # NOTE: both reference loaders assert lora_dropout > 0; a 0 is written as 1e-6 (off in eval anyway).
-            d["lora_dropout"] = float(max(self.lora_dropout, 1e-6))
+            # NOTE: both reference loaders assert lora_dropout > 0; a 0 is written as 1e-9 (off in our eval,
+            # negligible in MoE-PEFT's, which keeps dropout on)
+            d["lora_dropout"] = float(max(self.lora_dropout, REFERENCE_MIN_DROPOUT))
         return d
 
 
 # ----------------------------------------------------------------------------------------------------
 # Experts: E LoRAs sharing one frozen projection
-
-
-class LoRAExpert(nn.Module):
-    """One expert's LoRA on one projection: A (r, d_in) Kaiming-uniform(a=sqrt(5)) (or N(0, 1/r^2) for
-    "gaussian"), B (d_out, r) zeros, and with DoRA a magnitude m (d_out,) = ||W0||_row at init."""
-
-    def __init__(self, d_in, d_out, r, init, device):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device))     # (r, d_in) fp32
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))    # (d_out, r) fp32
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
 
 class ExpertProjection(nn.Module):
@@ -204,7 +191,7 @@ class ExpertProjection(nn.Module):
         d_out, d_in = base.weight.shape
         self.scaling, self.use_dora = lora.lora_scaling(lora_alpha, r, use_rslora), use_dora and num_experts > 0
         self.dropout = Dropout(lora_dropout)                                # x itself at p = 0, in eval()
-        self.experts = nn.ModuleList(LoRAExpert(d_in, d_out, r, init_lora_weights, base.weight.device)
+        self.experts = nn.ModuleList(lora.LoRAExpert(d_in, d_out, r, init_lora_weights, base.weight.device)
                                      for _ in range(num_experts))
         if self.use_dora:
             for e, ex in enumerate(self.experts):
@@ -372,7 +359,8 @@ def inject_adapter(model, cfg, trash_expert=None):
     """Add the adapter described by cfg to a loaded base model, in place, and freeze everything else.
 
     lora.LoraConfig -> LoRA/DoRA on cfg.target_modules (lora.inject_lora). MixLoRAConfig -> shared LoRA on
-    the targeted attention projections and a MixLoRAFFN on every layer's mlp. Afterwards only adapters,
+    the targeted attention projections and a MixLoRAFFN on every layer's mlp. LoRAMoEConfig / MoLAConfig ->
+    experts inside the targeted projections (moe_linear.inject_moe_linear). Afterwards only adapters,
     routers, gates (and a `score` head) train (lora.mark_trainable); a custom trash module stays frozen
     unless the caller unfreezes it. The config is kept as model.adapter_config."""
     if isinstance(cfg, lora.LoraConfig):
@@ -386,8 +374,10 @@ def inject_adapter(model, cfg, trash_expert=None):
             lora.inject_lora(model, cfg.attention_config())
         for layer in model.model.layers:
             layer.mlp = MixLoRAFFN(layer.mlp, cfg, trash_expert).train(layer.mlp.training)
+    elif isinstance(cfg, ExpertLoRAConfig):
+        inject_moe_linear(model, cfg)
     else:
-        raise ValueError(f"expected a lora.LoraConfig or MixLoRAConfig, got {type(cfg).__name__}")
+        raise ValueError(f"expected a lora.LoraConfig, MixLoRAConfig, LoRAMoEConfig or MoLAConfig, got {type(cfg).__name__}")
     model.adapter_config = cfg
     lora.mark_trainable(model)
     return model
@@ -402,19 +392,22 @@ def set_fast_path(model, enabled=True):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Adapter files. Tensor names are the reference's: model.layers.{i}.X -> mixlora.layers.{i}.X, ".weight"
-# appended to lora_A/lora_B, `score.weight` -> `classifier`. Native: adapter_model.safetensors; reference:
-# adapter_model.bin (torch.save of CPU fp32 tensors). Both also carry our extras (quality_gate, DoRA
-# magnitudes), which the `mixlora` package ignores.
+# Adapter files. Tensor names are the reference's: model.layers.{i}.X -> mixlora.layers.{i}.X (loramoe.,
+# mola. for those adapters), ".weight" appended to lora_A/lora_B, `score.weight` -> `classifier`. Native:
+# adapter_model.safetensors; reference: adapter_model.bin (torch.save of CPU fp32 tensors). Both also carry
+# our extras (quality_gate, DoRA magnitudes), which the `mixlora` package ignores.
+
+MOE_CONFIGS = {"MIXLORA": MixLoRAConfig, "LORAMOE": LoRAMoEConfig, "MOLA": MoLAConfig}  # by peft_type
 
 
 def adapter_tensors(model):
-    """{reference tensor name: parameter} for every adapter parameter of a MixLoRA model."""
+    """{reference tensor name: parameter} for every adapter parameter of a MixLoRA, LoRAMoE or MoLA model."""
+    prefix = getattr(model.adapter_config, "peft_type", "MIXLORA").lower()
     out = {}
     for name, p in model.named_parameters():
         if not any(k in name for k in lora.ADAPTER_KEYS):
             continue
-        key = "classifier" if name == "score.weight" else re.sub(r"^model\.layers\.", "mixlora.layers.", name)
+        key = "classifier" if name == "score.weight" else re.sub(r"^model\.layers\.", f"{prefix}.layers.", name)
         out[key + ".weight" if key.endswith(("lora_A", "lora_B")) else key] = p
     return out
 
@@ -422,19 +415,20 @@ def adapter_tensors(model):
 def save_adapter(model, path, format="peft"):
     """Write the model's adapter to the folder `path` (atomically: written next to it, then renamed).
 
-    LoRA/DoRA: PEFT layout (lora.save_peft_adapter). MixLoRA: format="peft" (default) writes the native
-    adapter_config.json + adapter_model.safetensors; format="mixlora" the reference layout (adapter_model.bin
-    + a config following mixlora.md sec. 8) that MoE-PEFT and the `mixlora` package load."""
+    LoRA/DoRA: PEFT layout (lora.save_peft_adapter). MixLoRA, LoRAMoE, MoLA: format="peft" (default) writes
+    the native adapter_config.json + adapter_model.safetensors; format="mixlora" the reference layout
+    (adapter_model.bin + a config following mixlora.md sec. 8, peft_type MIXLORA / LORAMOE / MOLA) that
+    MoE-PEFT (and, for MixLoRA, the `mixlora` package) load."""
     cfg = getattr(model, "adapter_config", None)
     if cfg is None:
         raise ValueError("model has no adapter: call inject_adapter or load_adapter first")
     if format not in ("peft", "mixlora"):
         raise ValueError(f"format: expected 'peft' or 'mixlora', got {format!r}")
-    base = cfg.base_model_name_or_path if isinstance(cfg, MixLoRAConfig) else ""
-    base = base or getattr(model, "path", "")
-    if not isinstance(cfg, MixLoRAConfig):
+    moe = isinstance(cfg, (MixLoRAConfig, ExpertLoRAConfig))
+    base = (cfg.base_model_name_or_path if moe else "") or getattr(model, "path", "")
+    if not moe:
         if format == "mixlora":
-            raise ValueError("format='mixlora' needs a MixLoRA adapter; this model has a plain LoRA")
+            raise ValueError("format='mixlora' needs a MixLoRA, LoRAMoE or MoLA adapter; this model has a plain LoRA")
         lora.save_peft_adapter(model, path, cfg, base_model_name_or_path=base)
         return path
     config = cfg.to_dict(reference=format == "mixlora")
@@ -469,23 +463,28 @@ def save_adapter(model, path, format="peft"):
 def load_adapter(model, path, trash_expert=None):
     """Inject and load the adapter folder `path` into a freshly loaded base model; returns the model.
 
-    Recognises PEFT LoRA/DoRA folders (lora.load_peft_adapter), our native MixLoRA folders and the
-    reference's (peft_type "MIXLORA", adapter_model.bin). Every file tensor must match an adapter tensor by
-    name and shape; the expert count must agree with the config. DoRA magnitudes absent from the file (the
-    reference never stores them) are set to ||W0 + sBA||, as the reference does on load."""
+    Recognises PEFT LoRA/DoRA folders (lora.load_peft_adapter), our native MixLoRA, LoRAMoE and MoLA folders
+    and the reference's (peft_type "MIXLORA", "LORAMOE", "MOLA", adapter_model.bin). Every file tensor must
+    match an adapter tensor by name and shape; the expert count must agree with the config. DoRA magnitudes
+    absent from the file (the reference never stores them) are set to ||W0 + sBA||, as the reference does."""
     config, tensors = lora.read_adapter_files(path)
-    if config.get("peft_type") != "MIXLORA":
+    if config.get("peft_type") not in MOE_CONFIGS:
         return lora.load_peft_adapter(model, path)
     where = os.path.join(path, "adapter_config.json")
     try:
-        cfg = MixLoRAConfig.from_dict(config)
+        cfg = MOE_CONFIGS[config["peft_type"]].from_dict(config)
+        L = len(model.model.layers)
+        counts = cfg.layer_experts(L) if isinstance(cfg, ExpertLoRAConfig) else [cfg.num_experts] * L
     except (TypeError, ValueError) as e:  # a value of the wrong type or range
         raise ValueError(f"{where}: {e}") from None
     for key, t in tensors.items():
-        m = re.search(r"\.experts\.(\d+)\.", key)
-        if key.endswith("moe_gate.weight") and t.shape[0] != cfg.num_experts or m and int(m.group(1)) >= cfg.num_experts:
+        layer, m = re.search(r"\.layers\.(\d+)\.", key), re.search(r"\.experts\.(\d+)\.", key)
+        if layer is None or int(layer.group(1)) >= L:
+            continue                                                # copy_adapter_tensors names it
+        E = counts[int(layer.group(1))]
+        if key.endswith("moe_gate.weight") and t.shape[0] != E or m and int(m.group(1)) >= E:
             n = t.shape[0] if key.endswith("moe_gate.weight") else f"at least {int(m.group(1)) + 1}"
-            raise ValueError(f"{where}: num_experts={cfg.num_experts} but the weights hold {n} experts ({key})")
+            raise ValueError(f"{where}: num_experts={E} but the weights hold {n} experts ({key})")
     if "classifier" in tensors and getattr(model, "score", None) is None:
         C, D = tensors["classifier"].shape                          # (C, D): classes from the file
         model.score = nn.Linear(D, C, bias=False, device=model.model.embed_tokens.weight.device)
@@ -494,7 +493,7 @@ def load_adapter(model, path, trash_expert=None):
     lora.copy_adapter_tensors(params, tensors, path, optional="magnitude")  # m: filled in below from A, B
     with torch.no_grad():
         for name, m in model.named_modules():                       # reference DoRA files: m = ||W0 + sBA||
-            key = "mixlora." + name.removeprefix("model.") + ".magnitude"
+            key = f"{config['peft_type'].lower()}." + name.removeprefix("model.") + ".magnitude"
             if isinstance(m, lora.LoRALinear) and m.use_dora and key not in tensors:
                 m.magnitude.copy_(m.weight_norm())
             if isinstance(m, ExpertProjection) and m.use_dora:
@@ -511,21 +510,29 @@ def load_adapter(model, path, trash_expert=None):
 @torch.no_grad()
 def router_stats(aux_list, token_mask=None):
     """Per MoE layer: "load" (L, E), the fraction of routed (token, expert) assignments of real tokens that
-    went to each expert (each row sums to 1); "entropy" (L,), the mean over real tokens of the entropy (nats)
-    of softmax(router logits) (log E = uniform); "gate" (L,), the mean sigmoid quality gate, if present."""
+    went to each expert (each row sums to 1; for a dense router (LoRAMoE), which sends every token to every
+    expert, the fraction of the routing weight instead); "experts" (L,), each layer's expert count (a layer
+    with fewer than E experts has zeros after them: MoLA's per-layer counts); "entropy" (L,), the mean over
+    real tokens of the entropy (nats) of softmax(router logits) (log E = uniform); "gate" (L,), the mean
+    sigmoid quality gate, if present. A layer's aux may pool several routers ("routers": P, moe_linear.py)."""
     load, ent, gate = [], [], []
     for a in aux_list:
         if not a or "router_logits" not in a:
             continue                                                # not a MoE layer
-        n = a["router_logits"].shape[0]
-        m = torch.ones(n, dtype=torch.bool) if token_mask is None else token_mask.reshape(n).bool().cpu()
-        c = (a["router_weights"].detach().cpu()[m] > 0).float().sum(0)      # (E,) assignments per expert
-        load.append(c / c.sum().clamp(min=1.0))
+        n = a["router_logits"].shape[0] // a.get("routers", 1)      # tokens per router
+        m0 = torch.ones(n, dtype=torch.bool) if token_mask is None else token_mask.reshape(n).bool().cpu()
+        m = m0.repeat(a.get("routers", 1))                          # (P*N,) the mask of every router
+        w = a["router_weights"].detach().float().cpu()[m]           # (n', E)
+        c = w.sum(0) if a.get("dense") else (w > 0).float().sum(0)  # (E,) weight mass or assignments
+        load.append(c / c.sum().clamp(min=1e-12 if a.get("dense") else 1.0))
         logp = F.log_softmax(a["router_logits"].detach().float().cpu()[m], dim=-1)   # (n, E)
         ent.append(-(logp.exp() * logp).sum(-1).mean())
         if "gate_logits" in a:
-            gate.append(torch.sigmoid(a["gate_logits"].detach().float().cpu().reshape(n)[m]).mean())
-    out = {"load": torch.stack(load) if load else torch.zeros(0), "entropy": torch.stack(ent) if ent else torch.zeros(0)}
+            gate.append(torch.sigmoid(a["gate_logits"].detach().float().cpu().reshape(n)[m0]).mean())
+    E = max((len(c) for c in load), default=0)
+    out = {"load": torch.stack([F.pad(c, (0, E - len(c))) for c in load]) if load else torch.zeros(0),
+           "experts": torch.tensor([len(c) for c in load]),
+           "entropy": torch.stack(ent) if ent else torch.zeros(0)}
     if gate:
         out["gate"] = torch.stack(gate)
     return out
@@ -550,5 +557,5 @@ if __name__ == "__main__":
     print("expert load, layer 0:", [round(v, 3) for v in stats["load"][0].tolist()])
     print("routing entropy per layer:", [round(v, 3) for v in stats["entropy"].tolist()], "(log E =", round(math.log(4), 3), ")")
     print("mean quality gate per layer:", [round(v, 3) for v in stats["gate"].tolist()])
-    for strategy in STRATEGIES:
+    for strategy in MIXLORA_STRATEGIES:
         print(strategy, "->", MixLoRAConfig(routing_strategy=strategy).router_init_range, "router init std")

@@ -1,6 +1,6 @@
 """
-routers.py: the MixLoRA routers (top-k, top-p, Switch top-1 with capacity), in fp32, and the table of
-routing strategies.
+routers.py: the MixLoRA routers (top-k, top-p, Switch top-1 with capacity), LoRAMoE's dense router and
+MoLA's top-k, in fp32, and the table of routing strategies.
 
 A router maps each token's FFN input x_t (the post-attention RMSNorm output) to a DENSE row of
 routing weights over the E experts; the MoE FFN (moe_lora.py) then computes
@@ -14,7 +14,10 @@ and skips the experts whose weight is 0. One module, `Router`, serves every stra
                                                                     Need More Experts", sec. 3)
     "mixlora-switch"   top-1 with expert capacity, weight = p_max   (Switch Transformer, Fedus et al.
                                                                     2021, sec. 2.1-2.2)
+    "loramoe"          dense softmax over all experts               (LoRAMoE, Dou et al. 2023, sec. 3.1)
+    "mola"             top-k as "mixlora", Kaiming-uniform init     (MoLA, Gao et al. 2024, sec. 3)
 
+The last two route inside each adapted projection (moe_linear.py), the others once per FFN (moe_lora.py).
 A row of the table holds a strategy's rule (router logits -> weights, and the experts each token
 selected), its router init, and its defaults: router init range, jitter, and which router losses
 apply with what coefficient (a coefficient 0 switches a loss off). `RouterConfig` fills the settings
@@ -252,9 +255,21 @@ def route_switch(logits, token_mask, group, cfg):
     return w, F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).bool()
 
 
+def route_dense(logits, token_mask, group, cfg):
+    """Dense softmax (LoRAMoE): every expert on every token, weighted by its probability; selected = all."""
+    w = F.softmax(logits.float(), dim=-1)
+    return w, torch.ones_like(w, dtype=torch.bool)
+
+
 def init_normal(weight, init_range):
     """The reference's MixLoRA router init: N(0, init_range^2)."""
     nn.init.normal_(weight, mean=0.0, std=init_range)
+
+
+def init_kaiming_uniform(weight, init_range):
+    """The reference's LoRAMoE / MoLA router init: kaiming_uniform_(a=sqrt(init_range)), i.e. U(-b, b) with
+    b = sqrt(6 / ((1 + init_range) D)); the default 5.0 gives nn.Linear's own b = 1/sqrt(D)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(init_range))
 
 
 @dataclass(frozen=True)
@@ -281,6 +296,12 @@ STRATEGIES = {
     "mixlora-switch": Strategy(route_switch, ("capacity_factor", "expert_capacity"), init_normal,
                                router_init_range=1.0, jitter_noise=0.01, router_aux_loss_coef=0.001,
                                router_z_loss_coef=0.001),
+    # a router in every adapted projection (moe_linear.py); the reference has no LoRAMoE router loss and
+    # MoLA's is off unless asked for (`router_loss`, then 0.001)
+    "loramoe": Strategy(route_dense, (), init_kaiming_uniform, router_init_range=5.0, jitter_noise=0.0,
+                        router_aux_loss_coef=0.0, router_z_loss_coef=0.0),
+    "mola": Strategy(route_top_k, ("top_k",), init_kaiming_uniform, router_init_range=5.0, jitter_noise=0.0,
+                     router_aux_loss_coef=0.0, router_z_loss_coef=0.0),
 }
 
 

@@ -7,7 +7,8 @@ with ../shared/tools/smollm2_checkpoint.py) and are skipped with that reason oth
 
 Run: python -m pytest -q test_all.py
 
-Sections: llama.py | routers.py and losses.py | lora.py | moe_lora.py | data.py and train.py | selection.py
+Sections: llama.py | routers.py and losses.py | lora.py | moe_lora.py | moe_linear.py | data.py and train.py |
+selection.py
 """
 
 import copy
@@ -38,8 +39,9 @@ from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, load_peft_ad
     lora_plus_param_groups, mark_trainable, merge_adapters, save_merged, save_peft_adapter,
     unmerge_adapters)
 from losses import classification_loss, lm_loss, load_balancing_loss, quality_loss, router_z_loss
-from moe_lora import (MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
+from moe_lora import (MIXLORA_STRATEGIES, MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
     router_stats, save_adapter)
+from moe_linear import LoRAMoEConfig, MoELoRALinear, MoLAConfig
 from routers import Router, RouterConfig, expert_capacity, switch_weights, top_k_weights, top_p_weights, STRATEGIES
 
 
@@ -1419,7 +1421,7 @@ def test_single_expert_equals_dense_lora_ffn(fast):
 
 
 @pytest.mark.parametrize("gate", [False, True])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", MIXLORA_STRATEGIES)
 def test_fast_path_equals_plain_path(strategy, gate):
     """The fast path (shared base gate/up, base down once) equals the reference path, outputs and gradients."""
     fast = tiny_ffn(strategy, quality_gate=gate, trash_expert_mode="noise")
@@ -1530,7 +1532,7 @@ def test_gradients_reach_only_adapters_routers_gates():
     assert model.model.layers[1].mlp.up_proj.experts[3].lora_B.shape == (48, 4)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", MIXLORA_STRATEGIES)
 def test_aux_survives_activation_checkpointing(strategy):
     """Router and gate logits returned through checkpointed layers carry the same gradients as without."""
     grads = []
@@ -1738,6 +1740,288 @@ def test_bf16_autocast_matches_fp32(adapter):
     assert len(grads) > 0 and all(torch.isfinite(g).all() for g in grads)   # unrouted experts may have none
     err = (out.float() - ref).abs().max() / ref.abs().max()                  # bf16 keeps ~3 significant digits
     assert err < 0.03, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_linear.py: LoRAMoE and MoLA, experts inside each projection; MoE-PEFT 2.0.2 as the oracle
+
+
+def hand_moe_linear(top_k):
+    """W0 = I (2x2), router W_g = I (logits = x), expert 0: s B A x = (x_0, 0), expert 1: (0, 2 x_1); r = 1, s = 1."""
+    strategy = dict(routing_strategy="mola", top_k=1) if top_k == 1 else dict(routing_strategy="loramoe")
+    layer = MoELoRALinear(nn.Linear(2, 2, bias=False), RouterConfig(num_experts=2, **strategy), r=1, lora_alpha=1)
+    with torch.no_grad():
+        layer.base.weight.copy_(torch.eye(2))
+        layer.moe_gate.weight.copy_(torch.eye(2))
+        layer.experts[0].lora_A.copy_(torch.tensor([[1.0, 0.0]]))
+        layer.experts[0].lora_B.copy_(torch.tensor([[1.0], [0.0]]))
+        layer.experts[1].lora_A.copy_(torch.tensor([[0.0, 1.0]]))
+        layer.experts[1].lora_B.copy_(torch.tensor([[0.0], [2.0]]))
+    return layer
+
+
+X3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0]])  # 3 tokens; router logits = x
+
+
+def test_loramoe_hand_worked_2_experts_3_tokens():
+    """LoRAMoE: y = W0 x + sum_e softmax(W_g x)_e s B_e A_e x, worked out by hand (p = sigmoid(1))."""
+    p = 1 / (1 + math.exp(-1))                  # softmax([1, 0]) = (p, 1 - p)
+    want = torch.tensor([[1 + p, 0.0],          # x = (1, 0): w = (p, 1-p), only expert 0 sees x_0
+                         [0.0, 1 + 2 * p],      # x = (0, 1): w = (1-p, p), only expert 1 sees x_1
+                         [1 + (1 - p), 2 + 4 * p]])  # x = (1, 2): logits (1, 2), w = (1-p, p)
+    assert_close(hand_moe_linear(top_k=2)(X3), want)
+    mola_top2 = MoELoRALinear(nn.Linear(2, 2, bias=False), RouterConfig(num_experts=2, routing_strategy="mola"), r=1,
+                              lora_alpha=1)
+    mola_top2.load_state_dict(hand_moe_linear(top_k=2).state_dict())
+    assert_close(mola_top2(X3), want)                                       # top-2 of 2 = the dense softmax
+
+
+def test_mola_hand_worked_2_experts_3_tokens():
+    """MoLA top-1 of 2: each token gets only its argmax expert, with weight 1 after renormalisation."""
+    want = torch.tensor([[2.0, 0.0],            # expert 0: (1 + 1, 0)
+                         [0.0, 3.0],            # expert 1: (0, 1 + 2)
+                         [1.0, 6.0]])           # expert 1: (1, 2 + 2 * 2)
+    layer = hand_moe_linear(top_k=1)
+    assert_close(layer(X3), want)
+    assert layer.routing[1].tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]   # the routing it used
+
+
+def moe_linear_model(kind="mola", seed=0, **kw):
+    cls = MoLAConfig if kind == "mola" else LoRAMoEConfig
+    cfg = cls(**{**dict(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=3), **kw})
+    return randomize(inject_adapter(tiny_llama(seed), cfg))
+
+
+@pytest.mark.parametrize("kind", ["loramoe", "mola"])
+def test_moe_linear_is_a_noop_at_init(kind):
+    """With every lora_B zero (the init) the adapted model gives the base model's logits exactly."""
+    cfg = (MoLAConfig if kind == "mola" else LoRAMoEConfig)(r=4, num_experts=3)
+    model = inject_adapter(tiny_llama(), cfg)
+    assert_close(model(IDS).logits, tiny_llama()(IDS).logits, rtol=0, atol=0)
+
+
+def test_mola_one_expert_per_layer_equals_plain_lora():
+    """MoLA with E = 1 (top-1) on every projection is plain LoRA with that expert's A and B."""
+    mola = moe_linear_model("mola", num_experts=1, top_k=1).eval()
+    plain = inject_adapter(tiny_llama(), lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                         target_modules=list(lora.PROJECTIONS))).eval()
+    with torch.no_grad():
+        for name, m in lora_layers(plain):
+            ex = mola.get_submodule(name).experts[0]
+            m.lora_A.copy_(ex.lora_A)
+            m.lora_B.copy_(ex.lora_B)
+    assert_close(mola(IDS).logits, plain(IDS).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_loramoe_identical_experts_equal_one_lora():
+    """LoRAMoE whose experts are all the same LoRA equals that one LoRA: the softmax weights sum to 1."""
+    moe = moe_linear_model("loramoe", num_experts=4).eval()
+    plain = inject_adapter(tiny_llama(), lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                         target_modules=list(lora.PROJECTIONS))).eval()
+    with torch.no_grad():
+        for name, m in lora_layers(plain):
+            src = moe.get_submodule(name)
+            if isinstance(src, MoELoRALinear):
+                for ex in src.experts:                      # every expert = expert 0
+                    ex.lora_A.copy_(src.experts[0].lora_A)
+                    ex.lora_B.copy_(src.experts[0].lora_B)
+                src = src.experts[0]
+            m.lora_A.copy_(src.lora_A)                      # attention: LoRAMoE's own plain LoRA
+            m.lora_B.copy_(src.lora_B)
+    assert isinstance(moe.model.layers[0].self_attn.q_proj, lora.LoRALinear)
+    assert_close(moe(IDS).logits, plain(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mola_per_layer_counts_take_effect(tmp_path):
+    """num_experts per layer (or per group of layers) sets each layer's experts, routers and load rows."""
+    model = moe_linear_model("mola", num_experts=[2, 5], top_k=2)
+    assert [len(l.self_attn.q_proj.experts) for l in model.model.layers] == [2, 5]
+    assert model.model.layers[1].mlp.down_proj.moe_gate.weight.shape == (5, 48)
+    stats = router_stats(model(IDS).aux)
+    assert stats["experts"].tolist() == [2, 5] and stats["load"].shape == (2, 5)
+    assert stats["load"][0, 2:].sum() == 0 and torch.allclose(stats["load"].sum(1), torch.ones(2))
+    four = inject_adapter(tiny_llama(num_hidden_layers=4), MoLAConfig(r=4, num_experts=[2, 4]))
+    assert [len(l.mlp.up_proj.experts) for l in four.model.layers] == [2, 2, 4, 4]  # 2 groups of 2 layers
+    save_adapter(model, tmp_path / "a")                          # our layout keeps the list
+    loaded = load_adapter(tiny_llama(), tmp_path / "a")
+    assert loaded.adapter_config.num_experts == [2, 5]
+    assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="per-layer"):
+        save_adapter(model, tmp_path / "b", format="mixlora")     # MoE-PEFT has one count
+
+
+@pytest.mark.parametrize("kind", ["loramoe", "mola"])
+def test_moe_linear_gradients_reach_routers_and_experts(kind):
+    """Every router and every expert's A and B get a gradient, through activation checkpointing; base weights none."""
+    model = moe_linear_model(kind, num_experts=2, top_k=1, router_aux_loss_coef=0.001) if kind == "mola" else \
+        moe_linear_model(kind, num_experts=2, blc_weight=0.1, blc_alpha=0.1)
+    model.train()
+    model.gradient_checkpointing = True
+    out = model(IDS, attention_mask=MASK)
+    terms = losses.adapter_losses(out.aux, MASK.reshape(-1), model.adapter_config, sample_types=[1, 0])
+    assert set(terms) == ({"aux"} if kind == "mola" else {"blc"})
+    (out.logits.square().mean() + sum(terms.values())).backward()
+    for name, p in model.named_parameters():
+        adapter = any(k in name for k in ("lora_", "moe_gate"))
+        assert p.requires_grad == adapter, name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == adapter, name
+
+
+def top1(z):
+    return F.one_hot(z.argmax(-1), z.shape[-1]).bool()
+
+
+def test_load_balancing_pools_routers_per_expert_count():
+    """Routers with different expert counts (MoLA per layer): the row-weighted mean of each count's pooled loss;
+    a layer holding P routers (P*N rows) counts as P layers; uniform top-2 routing still gives 2."""
+    g = torch.Generator().manual_seed(0)
+    z2 = [torch.randn(6, 2, generator=g) for _ in range(2)]
+    z3 = torch.randn(6, 3, generator=g)
+    want = 2 / 3 * load_balancing_loss(z2, [top1(z) for z in z2]) + 1 / 3 * load_balancing_loss(z3, top1(z3))
+    assert_close(load_balancing_loss(z2 + [z3], [top1(z) for z in z2 + [z3]]), want)
+    mask = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    pooled = torch.cat(z2)                                                  # one layer, P = 2 routers
+    assert_close(load_balancing_loss([pooled], [top1(pooled)], mask), load_balancing_loss(z2, [top1(z) for z in z2], mask))
+    uniform, top2 = [torch.zeros(6, 2), torch.zeros(6, 4)], [torch.ones(6, 2), torch.tensor([[1, 1, 0, 0]] * 6)]
+    assert_close(load_balancing_loss(uniform, [s.bool() for s in top2]), torch.tensor(2.0))
+
+
+def test_localized_balancing_hand_worked():
+    """LoRAMoE's constraint on a 2 x 2 batch, E = 2, delta = 0.1: Z = I * Q, L = Var(Z) / Mean(Z)^2."""
+    w = torch.tensor([[0.6, 0.4], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])  # (B*T, E), sample 0 = rows 0-1
+    # Q = [[1.4, 0.6], [0.8, 1.2]]; type 1 favours expert 0, type 0 expert 1: I = [[1.1, 0.9], [0.9, 1.1]]
+    Z = torch.tensor([1.54, 0.54, 0.72, 1.32])
+    want = ((Z - 1.03) ** 2).sum() / 3 / 1.03 ** 2
+    got = losses.localized_balancing_loss([w], None, [1, 0], blc_alpha=0.1)
+    assert_close(got, want)
+    assert_close(losses.localized_balancing_loss([w, w], None, [1, 0], 0.1), want)   # mean over routers
+
+
+def test_moe_linear_balancing_losses_ignore_padding():
+    """Padding tokens, whatever their routing, change neither MoLA's load balancing nor LoRAMoE's constraint."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)          # (B, T)
+    a, b = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    b[mask.reshape(-1)] = a[mask.reshape(-1)]                                    # differ only at padding
+    sel = STRATEGIES["mola"].rule(a, mask.reshape(-1), None, RouterConfig(num_experts=3, routing_strategy="mola"))[1]
+    lb = [load_balancing_loss([z], [sel], mask) for z in (a, b)]        # the same selection at real tokens
+    assert_close(lb[0], lb[1])
+    blc = [losses.localized_balancing_loss([z.softmax(-1)], mask, [0, 1], 0.1) for z in (a, b)]
+    assert_close(blc[0], blc[1])
+    assert not torch.allclose(losses.localized_balancing_loss([a.softmax(-1)], None, [0, 1], 0.1), blc[0])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kind="mola", num_experts=0), "num_experts"), (dict(kind="loramoe", num_experts=-2), "num_experts"),
+    (dict(kind="mola", num_experts=2, top_k=3), "top_k"), (dict(kind="mola", top_k=0), "top_k"),
+    (dict(kind="mola", num_experts=[4, 1], top_k=2), "top_k"), (dict(kind="loramoe", num_experts=[2, 4]), "MoLA"),
+    (dict(kind="loramoe", target_modules=["q_proj"]), "experts"), (dict(kind="mola", router_init_range=-1.0), "router_init"),
+    (dict(kind="loramoe", blc_alpha=1.5), "blc_alpha")])
+def test_moe_linear_bad_configs(kw, match):
+    """Experts or top-k out of range and other bad settings are one-line ValueErrors naming the setting."""
+    kw = dict(kw)
+    cls = MoLAConfig if kw.pop("kind") == "mola" else LoRAMoEConfig
+    with pytest.raises(ValueError, match=match) as e:
+        cls(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_moe_linear_bad_per_layer_list_and_file(tmp_path):
+    """A per-layer list that fits no layer count, a second injection, an expert-count mismatch: one-line errors."""
+    with pytest.raises(ValueError, match="3 counts does not fit 2 layers") as e:
+        inject_adapter(tiny_llama(), MoLAConfig(num_experts=[2, 2, 2]))
+    assert "\n" not in str(e.value)
+    model = inject_adapter(tiny_llama(), MoLAConfig(r=4, num_experts=2))
+    with pytest.raises(ValueError, match="already"):
+        inject_adapter(model, MoLAConfig(r=4, num_experts=2))
+    save_adapter(model, tmp_path / "a", format="mixlora")
+    path = tmp_path / "a" / "adapter_config.json"
+    json.dump({**json.load(open(path)), "num_experts": 3}, open(path, "w"))
+    with pytest.raises(ValueError, match="num_experts=3"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("kind", ["loramoe", "mola"])
+@pytest.mark.parametrize("fmt", ["peft", "mixlora"])
+def test_moe_linear_save_load_roundtrip(tmp_path, kind, fmt):
+    """save_adapter -> load_adapter reproduces every tensor and the logits exactly, in both layouts, with the reference's names."""
+    model = moe_linear_model(kind, lora_dropout=0.05).eval()
+    save_adapter(model, tmp_path / "a", format=fmt)
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert config["peft_type"] == kind.upper() and config["routing_strategy"] == kind and config["num_experts"] == 3
+    loaded = load_adapter(tiny_llama(), tmp_path / "a").eval()
+    assert loaded.adapter_config == model.adapter_config
+    a, b = adapter_tensors(model), adapter_tensors(loaded)
+    assert a.keys() == b.keys()
+    names = {"loramoe": ["loramoe.layers.0.mlp.down_proj.experts.2.lora_A.weight",
+                         "loramoe.layers.1.mlp.gate_proj.moe_gate.weight", "loramoe.layers.0.self_attn.q_proj.lora_A.weight"],
+             "mola": ["mola.layers.1.self_attn.k_proj.experts.2.lora_B.weight", "mola.layers.0.self_attn.o_proj.moe_gate.weight"]}
+    assert all(n in a for n in names[kind])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def moe_peft_model(path):
+    """MoE-PEFT 2.0.2's LLMModel on a checkpoint folder, fp32 on CPU."""
+    os.environ.setdefault("MOE_PEFT_EXECUTOR_TYPE", "CPU")
+    import moe_peft
+    return moe_peft.LLMModel.from_pretrained(str(path), device="cpu", load_dtype=torch.float32,
+                                             compute_dtype=torch.float32)
+
+
+def moe_peft_forward(model, name, ids):
+    """(logits, loss, aux_loss) of adapter `name` on ids (labels = ids, no padding: MoE-PEFT counts pads)."""
+    from moe_peft.common import LLMBatchConfig, LLMModelInput
+    out = model.forward(LLMModelInput(batch_configs_=[LLMBatchConfig(name, 0, len(ids))], batch_tokens_=ids.tolist(),
+                                      batch_labels_=ids.tolist(), batch_masks_=[[True] * ids.shape[1]] * len(ids)))[0]
+    return out.logits, out.loss, out.aux_loss
+
+
+@pytest.mark.parametrize("kind", ["loramoe", "mola"])
+def test_moe_peft_parity(tmp_path, kind):
+    """Same weights give MoE-PEFT 2.0.2's logits, loss and MoLA aux loss (fp32, 1e-4), and adapter files load both ways."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("moe_peft")
+    import moe_peft
+    base = tiny_llama()
+    llama.save_pretrained(base, str(tmp_path / "base"))
+    theirs = moe_peft_model(tmp_path / "base")
+    extra = dict(top_k=2, router_loss=True) if kind == "mola" else {}
+    cfg = moe_peft.adapter_factory(peft_type=kind.upper(), adapter_name="a", r=4, lora_alpha=8, lora_dropout=1e-9,
+                                   target_modules=list(lora.PROJECTIONS), num_experts=3, **extra)
+    theirs.init_adapter(cfg)
+    # 1. the same weights on both sides: ours, random, copied into theirs by name
+    ours = moe_linear_model(kind, router_aux_loss_coef=0.001) if kind == "mola" else moe_linear_model(kind)
+    ours.eval()
+    mine, their_w = adapter_tensors(ours), theirs.get_adapter_weight_dict("a")
+    assert mine.keys() == their_w.keys()
+    with torch.no_grad():
+        for k, v in their_w.items():
+            v.copy_(mine[k])
+        logits = ours(IDS).logits
+        ref_logits, ref_loss, ref_aux = moe_peft_forward(theirs, "a", IDS)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1))
+        terms = losses.adapter_losses(ours(IDS).aux, None, ours.adapter_config)
+    diffs = {"logits": (logits - ref_logits).abs().max().item(), "loss": abs(loss.item() - ref_loss.item())}
+    if kind == "mola":
+        diffs["aux"] = abs(terms["aux"].item() - ref_aux.item())
+    # 2. their file here: what MoE-PEFT's trainer writes (save_adapter_weight)
+    os.makedirs(tmp_path / "theirs")
+    torch.save(their_w, tmp_path / "theirs" / "adapter_model.bin")
+    json.dump({**cfg.export(), "base_model_name_or_path": str(tmp_path / "base"), "task_type": "CAUSAL_LM"},
+              open(tmp_path / "theirs" / "adapter_config.json", "w"))
+    loaded = load_adapter(llama.from_pretrained(str(tmp_path / "base")), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        diffs["their file here"] = (loaded(IDS).logits - ref_logits).abs().max().item()
+    # 3. our reference-layout file in MoE-PEFT
+    save_adapter(ours, tmp_path / "ours", format="mixlora")
+    theirs.load_adapter(str(tmp_path / "ours"), "b")
+    with torch.no_grad():
+        diffs["our file there"] = (moe_peft_forward(theirs, "b", IDS)[0] - logits).abs().max().item()
+    print(kind, " ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert (logits - base(IDS).logits).abs().max() > 1e-2          # the adapter matters
+    assert max(diffs.values()) < 1e-4, diffs
 
 
 # ----------------------------------------------------------------------------------------------------
