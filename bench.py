@@ -55,7 +55,7 @@ import losses
 B, T = 4, 256                 # training / forward batch
 PROMPT, NEW = 64, 64          # generation: prompt length, new tokens
 ANSWER = 16                   # answer-only targets: the last 16 tokens of each row
-ADAPTERS = ("lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch")
+ADAPTERS = ("lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch", "loramoe", "mola")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,10 +145,14 @@ def forward_flops(model, batch, seq):
 
 def adapter_config(method, dropout):
     import lora
+    import moe_linear
     import moe_lora
     all7 = list(lora.PROJECTIONS)
     if method in ("lora", "dora"):
         return lora.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, use_dora=method == "dora")
+    if method in ("loramoe", "mola"):  # 8 experts in each FFN projection (LoRAMoE, dense) or every projection (MoLA, top-2)
+        cls = moe_linear.LoRAMoEConfig if method == "loramoe" else moe_linear.MoLAConfig
+        return cls(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, num_experts=8)
     return moe_lora.MixLoRAConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, num_experts=8,
                                   top_k=2, routing_strategy=method)
 

@@ -87,7 +87,7 @@ class ExpertLoRAConfig:
                         init_lora_weights=self.init_lora_weights)  # r, dropout, init checks
         counts = self.num_experts if isinstance(self.num_experts, (list, tuple)) else [self.num_experts]
         if not counts or any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in counts):
-            raise ValueError(f"num_experts: expected an integer >= 1 (or MoLA's list of them), got {self.num_experts!r}")
+            raise ValueError(f"num_experts: expected an integer >= 1 (MoLA: or a list of them), got {self.num_experts!r}")
         resolved = self.router_config(min(counts))  # the strategy's defaults; range checks, top_k <= fewest
         for key in ("router_init_range", "router_aux_loss_coef", "router_z_loss_coef"):
             setattr(self, key, getattr(resolved, key))
@@ -174,7 +174,7 @@ class LoRAMoEConfig(ExpertLoRAConfig):
         if isinstance(self.num_experts, (list, tuple)):
             raise ValueError("num_experts: LoRAMoE has one expert count; per-layer counts are MoLA's")
         if self.blc_weight < 0 or not 0 <= self.blc_alpha < 1:
-            raise ValueError(f"blc_weight >= 0 and 0 <= blc_alpha < 1 expected, got {self.blc_weight}, {self.blc_alpha}")
+            raise ValueError(f"blc_weight >= 0, 0 <= blc_alpha < 1 expected, got {self.blc_weight}, {self.blc_alpha}")
 
     @staticmethod
     def expert_modules():

@@ -419,7 +419,7 @@ def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
     rows = json.load(open(out))["rows"]
     assert set(rows) == {"forward", "generate-cached", "generate-uncached", "load-float32", "load-bfloat16",
                          "train-frozen", "train-lora", "train-lora-answer16", "eval-lora", "train-dora", "train-mixlora",
-                         "eval-mixlora", "train-mixlora-dynamic", "train-mixlora-switch"}
+                         "eval-mixlora", "train-mixlora-dynamic", "train-mixlora-switch", "train-loramoe", "train-mola"}
     assert all(v["tok_s"] > 0 for k, v in rows.items() if not k.startswith("load"))
     assert "/fwd" in rows["train-lora"]["note"] and "/LoRA" in rows["train-dora"]["note"]
     assert rows["load-float32"]["ratio"] > 0
@@ -2189,7 +2189,7 @@ def test_scoring_restricted_to_own_options(ckpt):
     assert r["accuracy"] == 1.0 and r["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", MIXLORA_STRATEGIES)
 def test_cli_adapter_config_equals_the_api_default(strategy):
     """train.py --adapter S builds exactly MixLoRAConfig(routing_strategy=S) (the z-loss for Switch only);
     a flag given overrides the strategy's default."""
@@ -2199,6 +2199,23 @@ def test_cli_adapter_config_equals_the_api_default(strategy):
     cfg = train.adapter_config(train.parser.parse_args(["--adapter", strategy, "--router-z-loss-coef", "0.5",
                                                         "--jitter-noise", "0.2"]))
     assert cfg == MixLoRAConfig(routing_strategy=strategy, router_z_loss_coef=0.5, jitter_noise=0.2)
+
+
+def test_cli_loramoe_mola_configs_equal_the_api_defaults():
+    """train.py --adapter loramoe / mola build LoRAMoEConfig() / MoLAConfig(); their flags reach the config."""
+    parse = train.parser.parse_args
+    assert train.adapter_config(parse(["--adapter", "loramoe"])) == LoRAMoEConfig()
+    assert train.adapter_config(parse(["--adapter", "mola"])) == MoLAConfig()
+    cfg = train.adapter_config(parse(["--adapter", "mola", "--layer-experts", "2,4", "--top-k", "1",
+                                      "--router-aux-loss-coef", "0.01", "--router-init-range", "1.0"]))
+    assert cfg == MoLAConfig(num_experts=[2, 4], top_k=1, router_aux_loss_coef=0.01, router_init_range=1.0)
+    cfg = train.adapter_config(parse(["--adapter", "loramoe", "--blc-weight", "0.1", "--blc-alpha", "0.1",
+                                      "--blc-knowledge", "arc-e"]))
+    assert cfg == LoRAMoEConfig(blc_weight=0.1, blc_alpha=0.1)
+    with pytest.raises(ValueError, match="--layer-experts"):
+        train.adapter_config(parse(["--adapter", "mola", "--layer-experts", "2,x"]))
+    with pytest.raises(ValueError, match="--blc-knowledge"):
+        train.adapter_config(parse(["--adapter", "loramoe", "--blc-weight", "0.1"]))
 
 
 def test_demo_task_disjoint():
@@ -2237,6 +2254,24 @@ def test_classification_heads(ckpt, tmp_path):
     h = run(ckpt, tmp_path / "m", "--data", multi, "--eval-data", multi, "--steps", "2", "--batch-size", "4")
     assert set(h["eval"][-1][os.path.basename(multi)]) == {"accuracy", "f1", "n"}
     assert load_file(str(tmp_path / "m" / "last" / "adapter_model.safetensors"))["classifier"].shape == (4, 32)
+
+
+@pytest.mark.parametrize("adapter", ["loramoe", "mola"])
+def test_train_loramoe_and_mola(ckpt, tmp_path, capsys, adapter):
+    """--adapter loramoe / mola train with their flags (MoLA's per-layer counts and load balancing, LoRAMoE's
+    localized balancing), show the expert load in the progress line, and evaluate the same after reload."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    extra = (["--layer-experts", "2,3", "--top-k", "2", "--router-aux-loss-coef", "0.01"] if adapter == "mola"
+             else ["--blc-weight", "0.1", "--blc-knowledge", "d.jsonl"])
+    out = tmp_path / adapter
+    h = run(ckpt, out, "--data", d, "--eval-data", d, "--adapter", adapter, "--steps", "2", "--batch-size", "4", *extra)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 2/2")][0]
+    assert ("aux" if adapter == "mola" else "blc") in line and "| load " in line
+    config = json.load(open(out / "last" / "adapter_config.json"))
+    assert config["peft_type"] == adapter.upper() and config["num_experts"] == ([2, 3] if adapter == "mola" else 4)
+    again = train.main(["--model", ckpt, "--data", d, "--eval-data", d, "--eval-only", "--device", "cpu",
+                        "--adapter-path", str(out / "last")])["eval"]
+    assert again == h["eval"][-1]
 
 
 def record_grads(monkeypatch):

@@ -1,5 +1,6 @@
 """
-train.py: fine-tune a Llama checkpoint with LoRA, DoRA or MixLoRA, evaluate it, and save the adapter.
+train.py: fine-tune a Llama checkpoint with LoRA, DoRA, MixLoRA, LoRAMoE or MoLA, evaluate it, and save
+the adapter.
 
 One flat script, read top to bottom like nanoGPT's train.py: the arguments, helpers (data sources,
 evaluation, checkpoints), then one function per stage, numbered as main calls them: 1. processes and
@@ -12,6 +13,7 @@ in losses.py.
     python train.py --model PATH                         # MixLoRA on a built-in task, accuracy before/after
     python train.py --model PATH --task arc-e,boolq --max-train 400 --max-eval 300 --out runs/mt
     python train.py --model PATH --adapter lora --data ../shared/data/alpaca/alpaca_en_demo.json
+    python train.py --model PATH --adapter mola --layer-experts 2,4,6,8 --task arc-e   # MoLA, 2-4-6-8
     python train.py --model PATH --data ../shared/data/sentiment/train.jsonl \\
                     --eval-data ../shared/data/sentiment/test.jsonl     # classification head
     python train.py --model PATH --task boolq --eval-only [--adapter-path runs/mt/best]
@@ -49,6 +51,7 @@ import losses
 import selection
 from kernels import keep_freed_memory
 from lora import LoraConfig, lora_plus_param_groups, mark_trainable
+from moe_linear import LoRAMoEConfig, MoLAConfig
 from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
 from routers import STRATEGIES, RouterConfig
 
@@ -73,15 +76,18 @@ arg("--model", help="Hugging Face Llama checkpoint folder (config.json, *.safete
 arg("--out", default="out", help="output folder: log.jsonl, checkpoint/, best/ and last/ adapters")
 # adapter
 arg("--adapter", default="mixlora", choices=["lora", "dora", *STRATEGIES],
-  help="adapter type; the mixlora* variants differ in routing (top-k, top-p, Switch top-1)")
+  help="adapter type; the mixlora* variants differ in routing (top-k, top-p, Switch top-1); loramoe (a dense "
+       "router over LoRA experts in each FFN projection) and mola (top-k in every projection) route per projection")
 arg("--r", type=int, default=8, help="LoRA rank (of every expert for MixLoRA)")
 arg("--lora-alpha", type=float, default=16, help="LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
 arg("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input")
 arg("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
   help="comma-separated projections to adapt (MixLoRA: gate/up/down become experts)")
 arg("--use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
-arg("--num-experts", type=int, default=RouterConfig.num_experts, help="MixLoRA experts per FFN")
-arg("--top-k", type=int, default=RouterConfig.top_k, help="experts per token (mixlora)")
+arg("--num-experts", type=int, default=RouterConfig.num_experts, help="experts per FFN (MixLoRA) or per adapted projection (LoRAMoE, MoLA)")
+arg("--layer-experts", help="mola: expert counts bottom to top, one per layer or per equal group of layers "
+  "(2,4,6,8 = the MoLA paper's 2-4-6-8); overrides --num-experts")
+arg("--top-k", type=int, default=RouterConfig.top_k, help="experts per token (mixlora, mola)")
 arg("--top-p", type=float, default=RouterConfig.top_p, help="probability mass kept per token (mixlora-dynamic)")
 arg("--temperature", type=float, default=RouterConfig.temperature, help="router temperature (mixlora-dynamic; 0 = off)")
 arg("--capacity-factor", type=float, default=RouterConfig.capacity_factor, help="expert capacity factor (mixlora-switch)")
@@ -91,6 +97,14 @@ arg("--router-aux-loss-coef", type=float, default=None, help="load-balancing los
   f"(reference code): {strategy_defaults('router_aux_loss_coef')}; --warmup on --adapter-path keeps the adapter's")
 arg("--router-z-loss-coef", type=float, default=None, help="router z-loss coefficient; None = the strategy's "
   f"(reference): {strategy_defaults('router_z_loss_coef')}")
+arg("--router-init-range", type=float, default=None, help="router init: the normal std (mixlora*), a^2 of the "
+  f"Kaiming-uniform init (loramoe, mola); None = the strategy's (reference): {strategy_defaults('router_init_range')}")
+arg("--blc-weight", type=float, default=0.0, help="loramoe: weight of LoRAMoE's localized balancing constraint "
+  "(0 = off, as in the reference; the paper's beta)")
+arg("--blc-alpha", type=float, default=0.0, help="loramoe: the constraint's delta, how much each expert group "
+  "favours its own type (e.g. 0.1; 0 = plain balance of all experts)")
+arg("--blc-knowledge", default="", help="loramoe: comma-separated task names (or --data file names) whose samples are "
+  "type 1 (world knowledge: the first half of the experts); the other samples are type 0")
 arg("--adapter-format", default="peft", choices=["peft", "mixlora"], help="file format of saved adapters")
 # data
 arg("--task", help="comma-separated tasks: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, demo")
@@ -187,10 +201,12 @@ def load_sources(args, tok):
     return train, evals
 
 
-def load_summary(load):
+def load_summary(load, experts=None):
     """Compact per-layer expert load: one spark character per layer for max-expert-share x E
-    (1 = perfectly balanced, each character step = +0.5), and the worst layer."""
-    ratio = load.max(1).values * load.shape[1]                                   # (L,)
+    (1 = perfectly balanced, each character step = +0.5), and the worst layer. experts (L,): each layer's
+    expert count where they differ (MoLA; router_stats pads the smaller layers' rows with zeros)."""
+    E = torch.full((load.shape[0],), load.shape[1]) if experts is None else torch.as_tensor(experts)  # (L,)
+    ratio = load.max(1).values * E                                               # (L,)
     chars = "".join(SPARK[min(len(SPARK) - 1, int((r - 1) / 0.5))] for r in ratio.tolist())
     worst = int(ratio.argmax())
     return f"load {chars} worst {ratio[worst]:.1f}x@L{worst}"
@@ -395,18 +411,36 @@ def load_model_and_data(run):
 
 
 def adapter_config(args):
-    """The LoraConfig or MixLoRAConfig of a fresh adapter, from the adapter flags (None: the strategy's default,
-    filled in by MixLoRAConfig, e.g. the reference's z-loss for mixlora-switch only)."""
+    """The LoraConfig, MixLoRAConfig, LoRAMoEConfig or MoLAConfig of a fresh adapter, from the adapter flags (None:
+    the strategy's default, filled in by the config, e.g. the reference's z-loss for mixlora-switch only)."""
     common = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                   target_modules=args.target_modules.split(","), use_rslora=args.use_rslora)
     if (args.quality_gate or args.warmup) and args.adapter in ("lora", "dora"):
         raise ValueError("--quality-gate/--warmup need MoE layers: use --adapter mixlora (or -dynamic, -switch)")
     if args.adapter in ("lora", "dora"):
         return LoraConfig(**common, use_dora=args.adapter == "dora")
+    if args.adapter in ("loramoe", "mola") and (args.quality_gate or args.warmup):
+        raise ValueError("--quality-gate/--warmup need MixLoRA FFNs: use --adapter mixlora (or -dynamic, -switch)")
+    router = dict(router_init_range=args.router_init_range, router_aux_loss_coef=args.router_aux_loss_coef,
+                  router_z_loss_coef=args.router_z_loss_coef)
+    if args.adapter == "loramoe":
+        if args.blc_weight and not args.blc_knowledge:
+            raise ValueError("--blc-weight needs --blc-knowledge (the tasks whose samples are type 1)")
+        return LoRAMoEConfig(**common, **router, num_experts=args.num_experts, blc_weight=args.blc_weight,
+                             blc_alpha=args.blc_alpha)
+    if args.adapter == "mola":
+        counts = args.num_experts
+        if args.layer_experts:
+            try:
+                counts = [int(c) for c in args.layer_experts.split(",")]
+            except ValueError:
+                raise ValueError(f"--layer-experts: expected comma-separated integers, got {args.layer_experts!r}") from None
+        return MoLAConfig(**common, **router, num_experts=counts, top_k=args.top_k)
     return MixLoRAConfig(**common, routing_strategy=args.adapter, num_experts=args.num_experts,
                          top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                          capacity_factor=args.capacity_factor, jitter_noise=args.jitter_noise,
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
+                         router_init_range=args.router_init_range,
                          quality_gate=args.quality_gate or args.warmup, trash_expert_mode=args.trash_mode)
 
 
@@ -549,8 +583,10 @@ def step_batches(run, enc, step):
     mine = data.step_indices(len(enc), step, args.batch_size, args.seed)[run.rank::run.world]
     batches = [data.collate([enc[j] for j in mine[i:i + micro]], run.tok.pad_id, args.num_labels or None)
                for i in range(0, len(mine), micro)]
+    knowledge = set(filter(None, args.blc_knowledge.split(",")))
     for b, i in zip(batches, range(0, len(mine), micro)):  # per-sample labels of the bce quality loss
         b["quality"] = [getattr(enc[j]["example"], "quality", None) for j in mine[i:i + micro]]
+        b["sample_types"] = [int(enc[j]["example"].task in knowledge) for j in mine[i:i + micro]]  # LoRAMoE
     # Normalise by the number of targets of the WHOLE optimiser step (summed over micro-batches
     # and processes), not per micro-batch: then every target token weighs the same, and the
     # gradient equals that of one big batch whatever the micro-batch size or process count.
@@ -588,7 +624,7 @@ def micro_batch_losses(run, b, count):
     # (the reference divides by the accumulation steps: the same for equal micro-batches)
     extra = {k: v * len(b["last"]) / args.batch_size
              for k, v in losses.adapter_losses(out.aux, token_mask, model.adapter_config, b["quality"],
-                                             qmask).items()}
+                                             qmask, b["sample_types"]).items()}
     return task, extra, router_stats(out.aux, token_mask)["load"]
 
 
@@ -643,7 +679,9 @@ def log_step(run, done, s):
         if s["loads"]:
             load = torch.stack(s["loads"]).mean(0)                              # (L,E)
             rec["load"] = load.tolist()
-            line += f" | {load_summary(load)}"
+            cfg = run.model.adapter_config
+            experts = cfg.layer_experts(len(run.model.model.layers)) if hasattr(cfg, "layer_experts") else None
+            line += f" | {load_summary(load, experts)}"
         run.log(line)
         run.log_file.write(json.dumps(rec) + "\n")
         run.log_file.flush()
