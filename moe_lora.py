@@ -1,5 +1,6 @@
 """MixLoRA (a mixture of LoRA experts in every FFN), the Select-MoE quality gate and trash expert, and
-one load/save entry point for every adapter of the project (LoRA, DoRA, MixLoRA).
+one load/save entry point for every adapter of the project (LoRA, DoRA, MixLoRA, and LoRAMoE / MoLA,
+whose experts sit inside each projection: moe_linear.py).
 
 References
   MixLoRA     Li et al. 2024, "MixLoRA: Enhancing LLMs Fine-Tuning with LoRA-based Mixture of Experts",

@@ -1850,6 +1850,18 @@ def test_mola_per_layer_counts_take_effect(tmp_path):
         save_adapter(model, tmp_path / "b", format="mixlora")     # MoE-PEFT has one count
 
 
+def test_loramoe_load_is_its_routing_weight_share():
+    """router_stats of a dense router (LoRAMoE: every expert on every token) reports each expert's share of the
+    routing weight over the real tokens of the layer's routers, not the (uniform) assignment counts."""
+    model = moe_linear_model("loramoe", num_experts=3).eval()
+    out = model(IDS, attention_mask=MASK)
+    load = router_stats(out.aux, MASK.reshape(-1))["load"]                  # (L, E)
+    a = out.aux[1]
+    w = a["router_weights"].reshape(a["routers"], -1, 3)[:, MASK.reshape(-1)]  # (P, real tokens, E)
+    assert_close(load[1], w.reshape(-1, 3).mean(0))
+    assert not torch.allclose(load[1], torch.full((3,), 1 / 3))
+
+
 @pytest.mark.parametrize("kind", ["loramoe", "mola"])
 def test_moe_linear_gradients_reach_routers_and_experts(kind):
     """Every router and every expert's A and B get a gradient, through activation checkpointing; base weights none."""
