@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ import kernels
 import llama
 import lora
 import losses
+import multi
 import routers
 import selection
 import train
@@ -2312,22 +2314,27 @@ def test_accumulation_equivalence(ckpt, tmp_path, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def run_interrupted(monkeypatch, at, ckpt, out, *extra):
+    """run() with a Ctrl-C as step `at` begins (it writes its checkpoint and exits)."""
+    real = data.step_indices
+
+    def interrupt(n, step, *a):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(n, step, *a)
+    monkeypatch.setattr(data, "step_indices", interrupt)
+    with pytest.raises(SystemExit):
+        run(ckpt, out, *extra)
+    monkeypatch.setattr(data, "step_indices", real)
+
+
 def test_resume_equivalence(ckpt, tmp_path, monkeypatch):
     """Interrupting (Ctrl-C) after 2 of 5 steps and resuming gives the uninterrupted run's losses."""
     d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
     common = ["--data", d, "--steps", "5", "--batch-size", "4", "--micro-batch-size", "2", "--schedule", "cosine",
               "--warmup-ratio", "0.4", "--lora-dropout", "0.1", "--lora-plus-ratio", "4", "--log-every", "1"]
     full = run(ckpt, tmp_path / "full", *common)["loss"]
-    real = data.step_indices
-
-    def interrupt_at_2(n, step, *a):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(n, step, *a)
-    monkeypatch.setattr(data, "step_indices", interrupt_at_2)
-    with pytest.raises(SystemExit):
-        run(ckpt, tmp_path / "part", *common)
-    monkeypatch.setattr(data, "step_indices", real)
+    run_interrupted(monkeypatch, 2, ckpt, tmp_path / "part", *common)
     rest = run(ckpt, tmp_path / "part", *common, "--resume")["loss"]
     torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[2:]))
     lines = [json.loads(l) for l in open(tmp_path / "part" / "log.jsonl")]
@@ -2340,8 +2347,18 @@ def _ddp_worker(rank, world, port, argv, out):
     torch.set_num_threads(1)
     h = train.main(argv)
     if rank == 0:
-        json.dump(h["loss"], open(out, "w"))
+        json.dump({n: a["loss"] for n, a in h["adapters"].items()} if "adapters" in h else h["loss"], open(out, "w"))
     torch.distributed.destroy_process_group()
+
+
+def run_two_processes(argv, tmp_path):
+    """train.main(argv) in 2 gloo processes writing to tmp_path/two; rank 0's losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = str(tmp_path / "two.json")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv + ["--out", str(tmp_path / "two")], res), nprocs=2)
+    return json.load(open(res))
 
 
 def test_ddp_equivalence(ckpt, tmp_path):
@@ -2351,12 +2368,109 @@ def test_ddp_equivalence(ckpt, tmp_path):
             "--lora-dropout", "0", "--router-aux-loss-coef", "0", "--r", "4", "--num-experts", "4",
             "--lr", "1e-3", "--no-eval-before", "--log-every", "100", "--device", "cpu"]  # gloo, even beside a GPU
     one = train.main(argv + ["--out", str(tmp_path / "one")])["loss"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = str(tmp_path / "two.json")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv + ["--out", str(tmp_path / "two")], res), nprocs=2)
-    torch.testing.assert_close(torch.tensor(json.load(open(res))), torch.tensor(one))
+    torch.testing.assert_close(torch.tensor(run_two_processes(argv, tmp_path)), torch.tensor(one))
+
+
+# ----------------------------------------------------------------------------------------------------
+# multi.py: several adapters trained at once on one frozen base
+
+MULTI = "lora,dora:r=2:lora_plus_ratio=4,mixlora:num_experts=3:lr=2e-3,lora:r=8:name=lora8"
+
+
+def multi_common(d):
+    return ["--data", d, "--steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--schedule", "cosine",
+            "--warmup-ratio", "0.25", "--lora-dropout", "0.1", "--eval-every", "2"]
+
+
+def test_multi_adapter_training_equals_training_each_alone(ckpt, tmp_path):
+    """Four adapters (LoRA, DoRA, MixLoRA, LoRA r=8) trained together, with dropout, accumulation, LoRA+ and
+    per-adapter settings, give each adapter the per-step losses, evaluations and final weights of training
+    it alone with the same flags."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    together = run(ckpt, tmp_path / "multi", *multi_common(d), "--adapter", MULTI)
+    assert set(together["adapters"]) == {"lora", "dora", "mixlora", "lora8"}
+    for spec, name in zip(MULTI.split(","), ["lora", "dora", "mixlora", "lora8"]):
+        alone = run(ckpt, tmp_path / name, *multi_common(d), "--adapter", spec)
+        mine = together["adapters"][name]
+        torch.testing.assert_close(torch.tensor(mine["loss"]), torch.tensor(alone["loss"]), rtol=1e-5, atol=1e-6)
+        assert [r[os.path.basename(d)]["loss"] for r in mine["eval"]] == pytest.approx(
+            [r[os.path.basename(d)]["loss"] for r in alone["eval"]], rel=1e-5)
+        a, b = saved_adapter_tensors(tmp_path / "multi" / name / "last"), saved_adapter_tensors(tmp_path / name / "last")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        assert (tmp_path / "multi" / name / "best" / "adapter_config.json").is_file()
+        assert len((tmp_path / "multi" / name / "log.jsonl").read_text().splitlines()) == 1 + 2  # last step, 2 evals
+
+
+def test_multi_adapter_resume(ckpt, tmp_path, monkeypatch):
+    """Interrupting several adapters trained together (Ctrl-C) and resuming gives the uninterrupted losses."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    full = run(ckpt, tmp_path / "full", *multi_common(d), "--adapter", MULTI)["adapters"]
+    run_interrupted(monkeypatch, 3, ckpt, tmp_path / "part", *multi_common(d), "--adapter", MULTI)
+    rest = run(ckpt, tmp_path / "part", *multi_common(d), "--adapter", MULTI, "--resume")["adapters"]
+    for name in full:
+        torch.testing.assert_close(torch.tensor(rest[name]["loss"]), torch.tensor(full[name]["loss"][3:]))
+
+
+def test_multi_adapter_forward_equals_each_adapter_alone(ckpt):
+    """In the K-adapter model, each adapter's slice of the logits and router outputs equals its own model's
+    (in training mode with dropout, the streams repeating each adapter's masks), and the view evaluates
+    as a fresh model with the adapter loaded from its files."""
+    cfgs = {"lora": LoraConfig(r=4), "dora": LoraConfig(r=2, use_dora=True, target_modules="all-linear"),
+            "mix": MixLoRAConfig(r=4, num_experts=3, lora_dropout=0.2)}
+    model = llama.from_pretrained(ckpt)
+    views = multi.add_adapters(model, cfgs, seed=3)
+    for v in views.values():  # non-trivial adapters
+        for p in v.parameters():
+            if p.requires_grad and p.ndim == 2:
+                torch.nn.init.normal_(p, std=0.2)
+    ids, am = torch.randint(4, 40, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    am[1, 6:] = 0
+    model.train()
+    torch.manual_seed(11)
+    model.streams.fork(torch.device("cpu"))
+    out = model(ids.repeat(3, 1), attention_mask=am.repeat(3, 1))
+    for k, (name, view) in enumerate(views.items()):
+        torch.manual_seed(11)
+        own = view(ids, attention_mask=am)
+        torch.testing.assert_close(out.logits[3 * k:3 * k + 3], own.logits, rtol=1e-5, atol=1e-5)
+        for a, b in zip(multi.aux_of(out.aux, name), own.aux):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a["router_selected"], b["router_selected"]))
+    mix = views["mix"].eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(mix, tmp + "/a")
+        fresh = load_adapter(llama.from_pretrained(ckpt), tmp + "/a").eval()
+        torch.testing.assert_close(mix(ids, attention_mask=am).logits, fresh(ids, attention_mask=am).logits)
+
+
+def test_multi_adapter_ddp(ckpt, tmp_path):
+    """Several adapters trained together by 2 processes (gloo) give each the losses of 1 process."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    argv = ["--model", ckpt, "--data", d, "--steps", "2", "--batch-size", "8", "--micro-batch-size", "2",
+            "--lora-dropout", "0", "--r", "4", "--num-experts", "4", "--adapter", "lora,dora,mixlora",
+            "--lr", "1e-3", "--no-eval-before", "--log-every", "100", "--device", "cpu"]
+    one = train.main(argv + ["--out", str(tmp_path / "one")])["adapters"]
+    two = run_two_processes(argv, tmp_path)
+    for name in one:
+        torch.testing.assert_close(torch.tensor(two[name]), torch.tensor(one[name]["loss"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--adapter", "lora,lora"], "two adapters are named 'lora'"),
+    (["--adapter", "lora,lorax"], "unknown adapter 'lorax'"),
+    (["--adapter", "lora,dora:max_len=8"], "'max_len=8' is not key=value with a per-adapter key"),
+    (["--adapter", "lora,dora:r=x"], "r: invalid literal"),
+    (["--adapter", "lora,dora:r=999"], "adapter 'dora': r=999"),
+    (["--adapter", "lora,mixlora", "--gradient-checkpointing"], "--gradient-checkpointing works with one adapter"),
+])
+def test_multi_adapter_errors(ckpt, tmp_path, flags, words):
+    """Duplicate names, unknown kinds or keys, a setting that cannot differ between adapters (they share
+    every batch), a config that does not fit the model and an unsupported combination are one-line errors."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows(8))
+    with pytest.raises(ValueError) as e:
+        run(ckpt, tmp_path / "o", "--data", d, "--steps", "1", *flags)
+    assert words in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import torch.nn as nn
 import data
 import llama
 import losses
+import multi
 import selection
 from kernels import keep_freed_memory
 from lora import LoraConfig, lora_plus_param_groups, mark_trainable
@@ -75,9 +76,12 @@ arg = parser.add_argument
 arg("--model", help="Hugging Face Llama checkpoint folder (config.json, *.safetensors, tokenizer.json)")
 arg("--out", default="out", help="output folder: log.jsonl, checkpoint/, best/ and last/ adapters")
 # adapter
-arg("--adapter", default="mixlora", choices=["lora", "dora", *STRATEGIES],
-  help="adapter type; the mixlora* variants differ in routing (top-k, top-p, Switch top-1); loramoe (a dense "
-       "router over LoRA experts in each FFN projection) and mola (top-k in every projection) route per projection")
+ADAPTER_KINDS = ("lora", "dora", *STRATEGIES)
+arg("--adapter", default="mixlora", help=f"adapter type: {', '.join(ADAPTER_KINDS)}; the mixlora* variants differ in "
+  "routing (top-k, top-p, Switch top-1); loramoe (a dense router over LoRA experts in each FFN projection) and mola "
+  "(top-k in every projection) route per projection. Several, comma-separated, train together on one frozen base "
+  "(multi.py), each with its own settings: KIND[:key=value...], e.g. lora,lora:r=32:name=lora32,mixlora:num_experts=4:lr=1e-3 "
+  "(keys: see PER_ADAPTER in train.py; name= names the output folder OUT/NAME, default the kind)")
 arg("--r", type=int, default=8, help="LoRA rank (of every expert for MixLoRA)")
 arg("--lora-alpha", type=float, default=16, help="LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
 arg("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input")
@@ -212,13 +216,17 @@ def load_summary(load, experts=None):
     return f"load {chars} worst {ratio[worst]:.1f}x@L{worst}"
 
 
-def forward(model, batch, device, ctx, head=True):
+def forward(model, batch, device, ctx, head=True, repeat=1):
     """One forward pass and the target mask (B,T); the LM head only at positions with a target (llama's
-    logits_mask), or nowhere with head=False (training applies it inside losses.lm_loss_from_hidden)."""
+    logits_mask), or nowhere with head=False (training applies it inside losses.lm_loss_from_hidden).
+    repeat=K: the batch plan of K adapters sharing the micro-batch, every row K times (multi.py)."""
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     tmask = batch["targets"].to(device) != data.IGNORE
+    lmask = tmask if head else torch.zeros_like(tmask)
+    if repeat > 1:
+        ids, am, lmask = ids.repeat(repeat, 1), am.repeat(repeat, 1), lmask.repeat(repeat, 1)  # (K*B,T)
     with ctx:
-        out = model(ids, attention_mask=am, logits_mask=tmask if head else torch.zeros_like(tmask))  # logits (M,V)
+        out = model(ids, attention_mask=am, logits_mask=lmask)                # logits (K*M,V)
     return out, tmask
 
 
@@ -341,19 +349,33 @@ class Run:
     tok: object = None
     kind: str = "lm"                                # the examples' kind: lm, choice or cls
     evals: dict = field(default_factory=dict)       # {source name: evaluation examples}
-    opt: torch.optim.Optimizer = None
-    params: list = field(default_factory=list)      # the trainable tensors, in model.parameters() order
+    adapters: list = field(default_factory=list)    # the Trainees: one, or several on one base (multi.py)
+    base: nn.Module = None                          # several LM adapters: the base alone (step-0 evaluation)
     total_steps: int = 0
     start: int = 0                                  # first step of this process's run (> 0 on --resume)
-    best: float = -math.inf                         # best headline(results) so far: out/best holds it
     t0: float = 0.0                                 # when the loop began
-    tokens_seen: int = 0                            # tokens (padding excluded) this process has trained on
+    tokens_seen: int = 0                            # tokens (padding excluded) trained on, summed over adapters
     history: dict = field(default_factory=lambda: {"loss": [], "eval": []})  # what main returns
-    log_file: object = None                         # out/log.jsonl, on rank 0
 
     def log(self, *a, **k):
         if self.rank == 0:
             print(*a, **k)
+
+
+@dataclass
+class Trainee:
+    """One adapter being trained: its flags (the run's, with its own --adapter overrides), its model (the
+    whole model when it trains alone; its multi.py view when several train together), optimiser, output
+    folder (--out alone, --out/NAME among several), best score and history."""
+    name: str
+    args: argparse.Namespace
+    model: nn.Module
+    out: str
+    history: dict = field(default_factory=lambda: {"loss": [], "eval": []})
+    opt: torch.optim.Optimizer = None
+    params: list = field(default_factory=list)      # the trainable tensors, in model.parameters() order
+    best: float = -math.inf                         # best headline(results) so far: OUT/best holds it
+    log_file: object = None                         # OUT/log.jsonl, on rank 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,10 +466,61 @@ def adapter_config(args):
                          quality_gate=args.quality_gate or args.warmup, trash_expert_mode=args.trash_mode)
 
 
+def boolean(value):
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+
+
+# The settings an adapter may have of its own in --adapter KIND:key=value (its flags' names, with _);
+# everything else (data, batch, steps, --max-len, the schedule's length) is the run's, so that the
+# adapters can share every batch. Lists are joined by "+": target_modules=q_proj+v_proj.
+PER_ADAPTER = {"r": int, "lora_alpha": float, "lora_dropout": float, "target_modules": lambda v: v.replace("+", ","),
+               "use_rslora": boolean, "num_experts": int, "top_k": int, "top_p": float, "temperature": float,
+               "capacity_factor": float, "jitter_noise": float, "router_aux_loss_coef": float,
+               "router_z_loss_coef": float, "lr": float, "lora_plus_ratio": float, "weight_decay": float,
+               "grad_clip": float, "warmup_ratio": float, "schedule": str, "adapter_format": str}
+
+
+def parse_adapters(args):
+    """[(name, flags)] of --adapter KIND[:key=value...][,KIND...]: each adapter's flags are a copy of the
+    run's with its own overrides; name=NAME names it (default: its kind; names must differ)."""
+    out = []
+    for spec in args.adapter.split(","):
+        kind, *pairs = spec.strip().split(":")
+        if kind not in ADAPTER_KINDS:
+            raise ValueError(f"--adapter: unknown adapter {kind!r} in {spec!r}, expected one of {', '.join(ADAPTER_KINDS)}")
+        flags, name = argparse.Namespace(**{**vars(args), "adapter": kind}), kind
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            key = key.replace("-", "_")
+            if key == "name" and eq and value.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                name = value
+                continue
+            if key not in PER_ADAPTER or not eq:
+                raise ValueError(f"--adapter {spec!r}: {pair!r} is not key=value with a per-adapter key "
+                                 f"({', '.join(PER_ADAPTER)}, name)")
+            try:
+                setattr(flags, key, PER_ADAPTER[key](value))
+            except ValueError as e:
+                raise ValueError(f"--adapter {spec!r}: {key}: {e}") from None
+        if flags.schedule not in ("constant", "linear", "cosine") or flags.adapter_format not in ("peft", "mixlora"):
+            raise ValueError(f"--adapter {spec!r}: schedule is constant, linear or cosine; adapter_format peft or mixlora")
+        if name in [n for n, _ in out]:
+            raise ValueError(f"--adapter: two adapters are named {name!r}; name one, e.g. {spec}:name={name}2")
+        out.append((name, flags))
+    return out
+
+
 def add_adapter(run):
     """---- 3. the adapter: --adapter-path as it is (evaluation), with quality gates added (Select-MoE
-    warm-up), or a fresh one; then mark what trains."""
+    warm-up), or a fresh one; then mark what trains. Several --adapter: add_adapters."""
     args, model = run.args, run.model
+    specs = parse_adapters(args)
+    if len(specs) > 1:
+        return add_adapters(run, specs)
+    vars(args).update(vars(specs[0][1]))  # one adapter: its overrides are simply the run's flags
+    run.adapters = [Trainee(specs[0][0], args, model, args.out, history=run.history)]
     torch.manual_seed(args.seed)  # same adapter init on every process
     if args.eval_only:
         if args.adapter_path:
@@ -483,6 +556,33 @@ def add_adapter(run):
             f"{'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)" + (f" x {args.threads} threads" if args.threads else ""))
 
 
+def add_adapters(run, specs):
+    """---- 3 (several adapters). Each fresh adapter is built as it would be alone (same seed, same init),
+    on one shared frozen base (multi.add_adapters); run.base keeps the base alone for the step-0 evaluation."""
+    args = run.args
+    for flag, given in (("--eval-only", args.eval_only), ("--adapter-path", args.adapter_path),
+                        ("--warmup", args.warmup), ("--quality-gate", args.quality_gate),
+                        ("--gradient-checkpointing", args.gradient_checkpointing)):
+        if given:  # checkpointing replays the global generator, not the adapters' own streams (multi.py)
+            raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)}")
+
+    def add_head(view, name):  # each adapter its own classification head, initialised as it would be alone
+        if run.kind == "cls":
+            view.score = nn.Linear(view.config.hidden_size, args.num_labels, bias=False, device=run.device)
+            nn.init.kaiming_normal_(view.score.weight, a=math.sqrt(5))
+
+    run.base = multi.shared_copy(run.model) if run.kind != "cls" else None  # a base model has no class head
+    views = multi.add_adapters(run.model, {n: adapter_config(a) for n, a in specs}, args.seed, add_head)
+    run.adapters = [Trainee(n, a, views[n], os.path.join(args.out, n)) for n, a in specs]
+    run.history = {"eval": [], "adapters": {t.name: t.history for t in run.adapters}}
+    n_total = sum(p.numel() for p in run.model.parameters())
+    run.log(f"model {args.model}: {len(specs)} adapters on one frozen base, {n_total / 1e6:.1f}M parameters in all: "
+            + ", ".join(f"{t.name} ({t.args.adapter}) {sum(p.numel() for p in t.model.parameters() if p.requires_grad) / 1e6:.3f}M"
+                        for t in run.adapters)
+            + f" trainable; device {run.device}, {'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)"
+            + (f" x {args.threads} threads" if args.threads else ""))
+
+
 def encode_training_set(run, train_items):
     """---- 4. tokenise the training set once; count truncation instead of hiding it. Sets run.total_steps."""
     args = run.args
@@ -502,14 +602,15 @@ def encode_training_set(run, train_items):
 
 
 def make_optimizer(run):
-    """---- 5. optimiser: AdamW on the adapter parameters only, LoRA+ groups (lr * ratio for lora_B);
-    each group keeps its peak lr as base_lr, which lr_scale multiplies."""
-    args = run.args
-    run.params = [p for p in run.model.parameters() if p.requires_grad]
-    groups = lora_plus_param_groups(run.model, args.lr, args.lora_plus_ratio, args.weight_decay)
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    run.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    """---- 5. optimiser: for each adapter its own AdamW on its parameters only, LoRA+ groups (lr * ratio
+    for lora_B); each group keeps its peak lr as base_lr, which lr_scale multiplies."""
+    for t in run.adapters:
+        a = t.args
+        t.params = [p for p in t.model.parameters() if p.requires_grad]
+        groups = lora_plus_param_groups(t.model, a.lr, a.lora_plus_ratio, a.weight_decay)
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        t.opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)
 
 
 def lr_scale(step, total_steps, args):
@@ -530,49 +631,62 @@ def lr_scale(step, total_steps, args):
 
 
 def resume(run):
-    """---- 6. resume: trainable tensors, optimiser, step (= schedule and data position), RNG; then
-    open out/log.jsonl (appended to, so a resumed run's log continues the interrupted one's)."""
-    args = run.args
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_dir = os.path.join(args.out, "checkpoint")
+    """---- 6. resume: for each adapter its trainable tensors, optimiser and best score; the step (= schedule
+    and data position) and RNG; then open each OUT/log.jsonl (appended to, so a resumed run's log continues
+    the interrupted one's)."""
+    args, steps = run.args, {}
+    for t in run.adapters:
+        os.makedirs(t.out, exist_ok=True)
+        ckpt_dir = os.path.join(t.out, "checkpoint")
+        if args.resume:
+            path = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + ".old"
+            if not os.path.isfile(os.path.join(path, "state.pt")):
+                raise FileNotFoundError(f"--resume: {ckpt_dir}/state.pt not found")
+            state = torch.load(os.path.join(path, "state.pt"), map_location=run.device, weights_only=True)
+            try:
+                unknown = t.model.load_state_dict(state["trainable"], strict=False).unexpected_keys
+            except RuntimeError:  # a shape mismatch
+                unknown = True
+            if unknown or len(state["trainable"]) != len(t.params):
+                raise ValueError(f"--resume: {path} holds a different adapter (check --adapter and its sizes)")
+            t.opt.load_state_dict(state["optimizer"])
+            t.best, steps[t.name] = state["best"], state["step"]
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            random.setstate(state["rng"]["python"])
+        t.log_file = open(os.path.join(t.out, "log.jsonl"), "a") if run.rank == 0 else None
     if args.resume:
-        path = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + ".old"
-        if not os.path.isfile(os.path.join(path, "state.pt")):
-            raise FileNotFoundError(f"--resume: {ckpt_dir}/state.pt not found")
-        state = torch.load(os.path.join(path, "state.pt"), map_location=run.device, weights_only=True)
-        try:
-            unknown = run.model.load_state_dict(state["trainable"], strict=False).unexpected_keys
-        except RuntimeError:  # a shape mismatch
-            unknown = True
-        if unknown or len(state["trainable"]) != len(run.params):
-            raise ValueError(f"--resume: {path} holds a different adapter (check --adapter and its sizes)")
-        run.opt.load_state_dict(state["optimizer"])
-        run.start, run.best = state["step"], state["best"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        random.setstate(state["rng"]["python"])
-        run.log(f"resumed from {path} at step {run.start}/{run.total_steps} (example {state['data_position']})")
-    run.log_file = open(os.path.join(args.out, "log.jsonl"), "a") if run.rank == 0 else None
+        if len(set(steps.values())) > 1:
+            raise ValueError(f"--resume: the adapters' checkpoints are at different steps ({steps})")
+        run.start = next(iter(steps.values()))
+        run.log(f"resumed from {args.out} at step {run.start}/{run.total_steps} (example {run.start * args.batch_size})")
 
 
 def run_eval(run, step):
-    """Evaluate (rank 0), log the results, and save out/best when the headline improves."""
-    results = evaluate(run.model, run.tok, run.evals, run.args, run.device, run.ctx) if run.rank == 0 else {}
-    if run.rank == 0:
-        run.log(f"eval step {step}: {format_results(results)}")
-        run.log_file.write(json.dumps({"step": step, "eval": results}) + "\n")
-        run.log_file.flush()
+    """Evaluate each adapter (rank 0), log the results, and save its OUT/best when its headline improves.
+    Several adapters: step 0 evaluates the base model once (each starts from it)."""
+    if run.rank == 0 and step == 0 and run.base is not None:
+        results = evaluate(run.base, run.tok, run.evals, run.args, run.device, run.ctx)
+        run.log(f"eval step 0, base model: {format_results(results)}")
         run.history["eval"].append(results)
-        if step > 0 and headline(results) > run.best:
-            run.best = headline(results)
-            save_adapter(run.model, os.path.join(run.args.out, "best"), run.args.adapter_format)  # atomic
+    elif run.rank == 0:
+        for t in run.adapters:
+            results = evaluate(t.model, run.tok, run.evals, run.args, run.device, run.ctx)
+            run.log(f"eval step {step}{'' if len(run.adapters) == 1 else ' ' + t.name}: {format_results(results)}")
+            t.log_file.write(json.dumps({"step": step, "eval": results}) + "\n")
+            t.log_file.flush()
+            t.history["eval"].append(results)
+            if step > 0 and headline(results) > t.best:
+                t.best = headline(results)
+                save_adapter(t.model, os.path.join(t.out, "best"), t.args.adapter_format)  # atomic
     if run.world > 1:
         dist.barrier()
 
 
 def checkpoint(run, step):
-    """out/checkpoint at `step` (rank 0), what --resume continues from."""
+    """OUT/checkpoint of every adapter at `step` (rank 0), what --resume continues from."""
     if run.rank == 0:
-        save_checkpoint(os.path.join(run.args.out, "checkpoint"), run.model, run.opt, step, run.args, run.best)
+        for t in run.adapters:
+            save_checkpoint(os.path.join(t.out, "checkpoint"), t.model, t.opt, step, t.args, t.best)
 
 
 def step_batches(run, enc, step):
@@ -599,92 +713,124 @@ def step_batches(run, enc, step):
 
 
 def micro_batch_losses(run, b, count):
-    """Forward one micro-batch: (task loss, {router/quality term: loss}, expert load (L,E)), each loss
-    already this micro-batch's share of the step's."""
-    model, args, device = run.model, run.args, run.device
+    """Forward one micro-batch, for every adapter at once (its rows the k-th slice of the batch plan):
+    [(task loss, {router/quality term: loss}, expert load (L,E))] per adapter, each loss already this
+    micro-batch's share of the step's."""
+    model, args, device, K = run.model, run.args, run.device, len(run.adapters)
     fused_head = isinstance(model.lm_head, nn.Linear)  # a plain head: the LM loss applies it chunk-wise
-    out, tmask = forward(model, b, device, run.ctx, head=run.kind != "cls" and not fused_head)
-    if run.kind == "cls":
-        last = b["last"].to(device)
-        logits = model.score(out.hidden[torch.arange(len(last)), last].float())  # (B,C)
-        multi = b["labels"].dim() == 2
-        task = losses.classification_loss(logits, b["labels"].to(device), multi) * len(last) / count
-    elif fused_head:
-        with run.ctx:  # = lm_loss(logits at tmask, ...) without the (M, V) logits tensor
-            task = losses.lm_loss_from_hidden(out.hidden[tmask], model.lm_head.weight,
-                                              b["targets"].to(device)[tmask], "sum") / count
-    else:  # an adapter on lm_head itself
-        task = losses.lm_loss(out.logits, b["targets"].to(device)[tmask], "sum") / count
+    out, tmask = forward(model, b, device, run.ctx, head=run.kind != "cls" and not fused_head, repeat=K)
     token_mask = b["attention_mask"].to(device).reshape(-1).bool()           # (N,)
     # NOTE: the reference trains the quality gate on all valid tokens; with --quality-tokens
     # answer only the positions that predict an answer token count: a bad response leaves
     # the prompt tokens unchanged, so per-sample labels on them are pure label noise.
     qmask = selection.quality_token_mask(b, args.quality_tokens).to(device).reshape(-1)  # (N,)
-    # router terms are per micro-batch statistics, weighted by its share of the examples
-    # (the reference divides by the accumulation steps: the same for equal micro-batches)
-    extra = {k: v * len(b["last"]) / args.batch_size
-             for k, v in losses.adapter_losses(out.aux, token_mask, model.adapter_config, b["quality"],
-                                             qmask, b["sample_types"]).items()}
-    return task, extra, router_stats(out.aux, token_mask)["load"]
+    n, per_adapter = len(b["last"]), []
+    for k, t in enumerate(run.adapters):
+        hidden = out.hidden[k * n:(k + 1) * n]                               # (B,T,D) adapter k's rows
+        aux = out.aux if K == 1 else multi.aux_of(out.aux, t.name)
+        if run.kind == "cls":
+            last = b["last"].to(device)
+            logits = t.model.score(hidden[torch.arange(n), last].float())  # (B,C)
+            multi_label = b["labels"].dim() == 2
+            task = losses.classification_loss(logits, b["labels"].to(device), multi_label) * n / count
+        elif fused_head:
+            with run.ctx:  # = lm_loss(logits at tmask, ...) without the (M, V) logits tensor
+                task = losses.lm_loss_from_hidden(hidden[tmask], model.lm_head.weight,
+                                                  b["targets"].to(device)[tmask], "sum") / count
+        else:  # an adapter on lm_head itself
+            task = losses.lm_loss(out.logits.chunk(K)[k], b["targets"].to(device)[tmask], "sum") / count
+        # router terms are per micro-batch statistics, weighted by its share of the examples
+        # (the reference divides by the accumulation steps: the same for equal micro-batches)
+        extra = {key: v * n / args.batch_size
+                 for key, v in losses.adapter_losses(aux, token_mask, t.model.adapter_config, b["quality"],
+                                                     qmask, b["sample_types"]).items()}
+        per_adapter.append((task, extra, router_stats(aux, token_mask)["load"]))
+    return per_adapter
 
 
 def train_step(run, enc, step):
-    """One optimiser step: lr from the schedule, the micro-batches' backward passes, the gradients of
-    all processes summed, clipped, AdamW. Returns the step's figures for the log."""
-    args = run.args
+    """One optimiser step of every adapter: lr from its schedule, the micro-batches' backward passes (one
+    for all adapters: each loss depends on its own adapter only), the gradients of all processes summed,
+    each adapter's clipped, its AdamW. Returns each adapter's figures for the log."""
+    args, adapters = run.args, run.adapters
     # dropout / jitter randomness is a function of (seed, step, rank), so resuming repeats it
     torch.manual_seed(args.seed + 1_000_003 * step + run.rank)
-    scale = lr_scale(step, run.total_steps, args)
-    for g in run.opt.param_groups:
-        g["lr"] = g["base_lr"] * scale
+    if len(adapters) > 1:  # each adapter draws from its own copy of that stream, as it would alone
+        run.model.streams.fork(run.device)
+    scales = [lr_scale(step, run.total_steps, t.args) for t in adapters]
+    for t, scale in zip(adapters, scales):
+        for g in t.opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
     batches, count = step_batches(run, enc, step)
-    terms, loads = {}, []
+    terms, loads = [{} for _ in adapters], [[] for _ in adapters]
     for b in batches:
-        task, extra, load = micro_batch_losses(run, b, count)
-        loss = task + sum(extra.values())
+        per_adapter = micro_batch_losses(run, b, count)
+        loss = sum(task + sum(extra.values()) for task, extra, _ in per_adapter)
         loss.backward()
-        for k, v in {"task": task, **extra}.items():
-            terms[k] = terms.get(k, 0.0) + v.detach()
-        loads = loads + [load] if load.numel() else loads
-        run.tokens_seen += int(b["attention_mask"].sum())
+        for k, (task, extra, load) in enumerate(per_adapter):
+            for key, v in {"task": task, **extra}.items():
+                terms[k][key] = terms[k].get(key, 0.0) + v.detach()
+            loads[k] = loads[k] + [load] if load.numel() else loads[k]
+        run.tokens_seen += int(b["attention_mask"].sum()) * len(adapters)
+    params = [p for t in adapters for p in t.params]
     # unused experts get a zero gradient rather than none, so every process steps the same tensors
-    for p in run.params:
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if run.world > 1:  # sum the gradients of all processes in one flat buffer (adapters are small)
-        flat = torch.cat([p.grad.reshape(-1) for p in run.params])
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat, [p.grad for p in run.params])
-        for k in terms:
-            dist.all_reduce(terms[k])
-    gnorm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
-    return {"terms": {k: float(v) for k, v in terms.items()}, "lr": args.lr * scale, "grad_norm": float(gnorm),
-            "loads": loads}
+        torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+        for tk in terms:
+            for key in tk:
+                dist.all_reduce(tk[key])
+    stats = []
+    for t, scale, tk, ld in zip(adapters, scales, terms, loads):
+        clip = t.args.grad_clip if t.args.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(t.params, clip)
+        t.opt.step()
+        t.opt.zero_grad(set_to_none=True)
+        stats.append({"terms": {k: float(v) for k, v in tk.items()}, "lr": t.args.lr * scale,
+                      "grad_norm": float(gnorm), "loads": ld})
+    return stats
 
 
-def log_step(run, done, s):
-    """One progress line per logging step, the same figures in log.jsonl; every step's loss in the history."""
-    terms, loss_value = s["terms"], sum(s["terms"].values())
-    run.history["loss"].append(loss_value)
-    if run.rank == 0 and (done % run.args.log_every == 0 or done == run.total_steps):
-        dt = time.time() - run.t0
-        eta = dt / (done - run.start) * (run.total_steps - done)
-        rec = {"step": done, "loss": loss_value, **terms, "lr": s["lr"], "grad_norm": s["grad_norm"],
-               "tok_s": run.tokens_seen * run.world / dt}
-        line = (f"step {done}/{run.total_steps} | loss {loss_value:.4f} "
-                + " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "task")
-                + f" | lr {s['lr']:.2e} | {rec['tok_s']:.0f} tok/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+def log_step(run, done, stats):
+    """One progress line per logging step (each adapter's loss terms), each adapter's figures in its
+    log.jsonl; every step's loss in the history."""
+    line, rank0 = [], run.rank == 0 and (done % run.args.log_every == 0 or done == run.total_steps)
+    dt = time.time() - run.t0
+    tok_s = run.tokens_seen * run.world / dt
+    lrs = {s["lr"] for s in stats}
+    for t, s in zip(run.adapters, stats):
+        terms, loss_value = s["terms"], sum(s["terms"].values())
+        t.history["loss"].append(loss_value)
+        if not rank0:
+            continue
+        rec = {"step": done, "loss": loss_value, **terms, "lr": s["lr"], "grad_norm": s["grad_norm"], "tok_s": tok_s}
+        label = "loss" if len(run.adapters) == 1 else t.name
+        part = f"{label} {loss_value:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "task")
+        if len(lrs) > 1:
+            part = part.rstrip() + f" lr {s['lr']:.2e}"
         if s["loads"]:
             load = torch.stack(s["loads"]).mean(0)                              # (L,E)
             rec["load"] = load.tolist()
-            cfg = run.model.adapter_config
-            experts = cfg.layer_experts(len(run.model.model.layers)) if hasattr(cfg, "layer_experts") else None
-            line += f" | {load_summary(load, experts)}"
-        run.log(line)
-        run.log_file.write(json.dumps(rec) + "\n")
-        run.log_file.flush()
+            cfg = t.model.adapter_config
+            experts = cfg.layer_experts(len(t.model.model.layers)) if hasattr(cfg, "layer_experts") else None
+            summary = load_summary(load, experts)
+            if len(run.adapters) > 1:  # several adapters: each adapter's load beside its loss
+                part = part.rstrip() + f" {summary}"
+        line.append(part if len(run.adapters) == 1 else part.rstrip())
+        t.log_file.write(json.dumps(rec) + "\n")
+        t.log_file.flush()
+    if rank0:
+        eta = dt / (done - run.start) * (run.total_steps - done)
+        text = (f"step {done}/{run.total_steps} | " + " | ".join(line)
+                + (f" | lr {stats[0]['lr']:.2e}" if len(lrs) == 1 else "")
+                + f" | {tok_s:.0f} tok/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+        if len(run.adapters) == 1 and stats[0]["loads"]:
+            text += f" | {summary}"
+        run.log(text)
 
 
 def train(run, enc):
@@ -712,15 +858,36 @@ def train(run, enc):
 
 
 def finish(run):
-    """---- 8. final evaluation, last and best adapters, final checkpoint."""
+    """---- 8. final evaluation, last and best adapters, final checkpoint; several adapters: one results
+    table, a row per adapter and the base model."""
     args = run.args
     if run.start < run.total_steps or not args.resume:
         run_eval(run, run.total_steps)
     if run.rank == 0:
-        save_adapter(run.model, os.path.join(args.out, "last"), args.adapter_format)
+        for t in run.adapters:
+            save_adapter(t.model, os.path.join(t.out, "last"), t.args.adapter_format)
         checkpoint(run, run.total_steps)
-        run.log(f"saved {args.out}/last (best: {args.out}/best) in {time.time() - run.t0:.0f}s")
-        run.log_file.close()
+        if len(run.adapters) > 1:
+            run.log(results_table(run))
+        where = args.out if len(run.adapters) == 1 else os.path.join(args.out, "{" + ",".join(t.name for t in run.adapters) + "}")
+        run.log(f"saved {where}/last (best: {where}/best) in {time.time() - run.t0:.0f}s")
+        for t in run.adapters:
+            t.log_file.close()
+
+
+def results_table(run):
+    """A markdown table of the final evaluation: the base model (step 0, when evaluated) and each adapter."""
+    rows = ([("base model", run.history["eval"][0])] if run.history["eval"] else [])
+    rows += [(t.name, t.history["eval"][-1]) for t in run.adapters if t.history["eval"]]
+    if not rows:
+        return "(no evaluation)"
+
+    def cell(r):
+        return f"loss {r['loss']:.4f}" if "loss" in r else f"{100 * r['accuracy']:.1f}%"
+    sources = list(rows[0][1])
+    lines = ["| adapter | " + " | ".join(sources) + " |", "|---" * (len(sources) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(res[s]) for s in sources) + " |" for name, res in rows]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
