@@ -11,9 +11,9 @@ References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, its rope 
 (RoPE), Ainslie et al. 2023 (GQA), Shazeer 2020 (SwiGLU), Zhang & Sennrich 2019 (RMSNorm).
 
 Checked against: the logits, NLL and greedy tokens of transformers' LlamaForCausalLM on
-SmolLM2-135M-Instruct (../shared/golden, logits to 1e-3 in fp32), see test_golden_parity in test_all.py.
+SmolLM2-135M-Instruct (golden/smollm2-135m-instruct.json, logits to 1e-3 in fp32), see test_golden_parity in test_all.py.
 
-Run:  python llama.py --model PATH --prompt "The capital of France is" [--chat] [--max-new-tokens 40]
+Run:  python llama.py [--model PATH] --prompt "The capital of France is" [--chat] [--max-new-tokens 40]
 
 Shape legend: B batch, T time (new tokens), S keys (past + new), D hidden, H query heads, KV key/value
 heads, hd head dim, I FFN width, V vocab, M selected positions.
@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import checkpoints  # GGUF files become checkpoint folders there; the default model's routes
 from kernels import Linear, keep_freed_memory  # Linear: nn.Linear, oneDNN products on CPU (kernels.py)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -378,9 +379,11 @@ def _read_tensors(files, dtype):
 
 
 def from_pretrained(path, dtype=torch.float32, device="cpu"):
-    """Load a Hugging Face checkpoint folder. The model is built on the meta device and the tensors are
-    assigned as they are read, so no randomly initialised copy is ever allocated. Integer-typed and
-    non-finite tensors are refused with an error naming them."""
+    """Load a Hugging Face checkpoint folder (or a .gguf file, or a folder holding one: converted once by
+    checkpoints.gguf_folder). The model is built on the meta device and the tensors are assigned as they
+    are read, so no randomly initialised copy is ever allocated. Integer-typed and non-finite tensors are
+    refused with an error naming them."""
+    path = checkpoints.gguf_folder(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -511,6 +514,7 @@ class Tokenizer:
 def load_tokenizer(path):
     """The folder's tokenizer. With a config.json beside it, every token id (and BOS/EOS/PAD) must have a
     row in the model's embedding: a larger id would fail at the first batch that holds it."""
+    path = checkpoints.gguf_folder(path)
     tok = Tokenizer(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         vocab = LlamaConfig.from_json(os.path.join(path, "config.json")).vocab_size
@@ -586,7 +590,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate text with a Llama-family checkpoint folder.")
-    ap.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    ap.add_argument("--model", help="checkpoint folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct, fetched "
+                    "once, see checkpoints.py)")
     ap.add_argument("--prompt", default="The capital of France is", help="text to continue")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the checkpoint's chat template")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="number of tokens to generate")
@@ -600,6 +605,7 @@ def main(argv=None):
     keep_freed_memory()
     try:
         torch.manual_seed(args.seed)
+        args.model = checkpoints.resolve_model(args.model)
         model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
         tok = load_tokenizer(args.model)
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt

