@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+import task_data  # where the tasks and the named data files (alpaca-demo, sentiment-*) come from
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100  # target value of a position with no loss (PyTorch's cross-entropy convention)
-TASK_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "commonsense")
 
 
 @dataclass
@@ -57,7 +58,9 @@ class Example:
 
 
 def read_records(path):
-    """Return [(where, record dict)]; `where` is "file:line" (JSONL) or "file[item]" (JSON list)."""
+    """Return [(where, record dict)]; `where` is "file:line" (JSONL) or "file[item]" (JSON list). A named
+    file (alpaca-demo, sentiment-train, sentiment-test) is fetched once by task_data.py."""
+    path = task_data.data_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file does not exist")
     with open(path, "rb") as f:
@@ -218,11 +221,12 @@ TASKS = {"arc-e": arc, "arc-c": arc, "boolq": boolq, "obqa": obqa, "piqa": piqa,
          "hellaswag": hellaswag, "winogrande": winogrande}
 
 
-def load_task(name, split, root=TASK_ROOT):
-    """Examples of task `name` from <root>/<name>/<split>.jsonl (split "train" or "test")."""
+def load_task(name, split, root=None):
+    """Examples of task `name` from <root>/<name>/<split>.jsonl (split "train" or "test"); without those
+    files, from the copy task_data.py fetches once into the cache."""
     if name not in TASKS:
         raise ValueError(f"--task: unknown task {name!r}, expected one of {', '.join(TASKS)} (or 'demo')")
-    path = os.path.join(root, name, f"{split}.jsonl")
+    path = task_data.task_file(name, split, root)
     out = []
     for where, r in read_records(path):
         try:

@@ -539,8 +539,8 @@ arg("--kmeans-iters", type=int, default=300, help="maximum k-means iterations (r
 arg("--selection-seed", type=int, default=42, help="seed of the k-means++ initialisation (reference: 42)")
 # the end-to-end check
 arg("--make-mix", metavar="OUT", help="write a clean/corrupted alpaca mix as JSONL to OUT")
-arg("--source", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                     "data", "alpaca", "alpaca_en_demo.json"), help="alpaca file to mix")
+arg("--source", default="alpaca-demo", help="alpaca file to mix (default: LLaMA-Factory's demo file, fetched "
+    "once by task_data.py)")
 arg("--n", type=int, default=300, help="records in the mix")
 arg("--corrupt-fraction", type=float, default=0.5, help="share of corrupted records")
 arg("--rest", metavar="OUT", help="with --make-mix: write the source records not drawn to OUT")
