@@ -3,7 +3,7 @@
 One command, every method in one run. Every row is prepared first, then the rows are timed in turns
 (one call of each per round, a warm-up round, then `--repeats` rounds) and each figure is the median:
 
-    python bench.py --model PATH [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32]
+    python bench.py [--model PATH] [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32]
                     [--linear onednn|mkl] [--no-keep-freed-memory] [--json FILE]
 
 How to read the table. First the machine's measured matmul peak (a 2048^3 matmul in the compute dtype,
@@ -48,6 +48,7 @@ import time
 import torch
 import torch.nn as nn
 
+import checkpoints
 import kernels
 import llama
 import losses
@@ -368,7 +369,8 @@ def print_table(res, header):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark the Llama, generation, loading and the adapters side by side.")
-    ap.add_argument("--model", required=True, help="Hugging Face checkpoint folder (e.g. SmolLM2-135M)")
+    ap.add_argument("--model", help="checkpoint folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct, "
+                    "fetched once, see checkpoints.py)")
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes, e.g. forward,train-mixlora,load")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (after one warm-up); medians are reported")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -388,6 +390,7 @@ def main(argv=None):
             return load_child(args.model, args.load_child)
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available")
+        args.model = checkpoints.resolve_model(args.model)
         if not os.path.exists(os.path.join(args.model, "config.json")):
             raise FileNotFoundError(f"{args.model}: no config.json (expected a Hugging Face checkpoint folder)")
         kernels.ONEDNN = kernels.ONEDNN and args.linear == "onednn"

