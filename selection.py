@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import data
 import llama
 from kernels import keep_freed_memory
@@ -425,6 +426,7 @@ def load_model(args):
         cores = os.cpu_count() or 1
         torch.set_num_threads(args.threads or (1 if os.getloadavg()[0] >= cores else cores))
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    args.model = checkpoints.resolve_model(args.model)   # a folder as given; a GGUF or a Hub id fetched
     model = llama.from_pretrained(args.model, dtype=torch.float32, device=device)
     tok = llama.load_tokenizer(args.model)
     args.max_len = min(args.max_len, model.config.context_length)
@@ -515,7 +517,7 @@ parser = argparse.ArgumentParser(description="Select-MoE stages 2 and 2b: score 
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 arg = parser.add_argument
 # stage 2: scoring
-arg("--model", help="Hugging Face Llama checkpoint folder; with --score: score --data with it")
+arg("--model", help="checkpoint folder, .gguf file or Hub id (checkpoints.py); with --score: score --data with it")
 arg("--adapter-path", help="MixLoRA adapter folder with quality gates (train.py --warmup writes <out>/last)")
 arg("--data", help="the one data file to score and select from (alpaca JSON/JSONL, chat 'messages', 'text')")
 arg("--score", metavar="FILE", help="with --model: score every record of --data with the quality gate of "

