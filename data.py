@@ -116,9 +116,9 @@ def record_to_example(r, where, tokenizer, task):
             raise ValueError(f"{where}: 'label' must be a class id >= 0 or a list of them, got {lab!r}")
         if "sentence1" in r:
             return Example(_text(r, "sentence1", where), kind="cls", label=lab, task=task,
-                           prompt2=_text(r, "sentence2", where), where=where)
+                           prompt2=_text(r, "sentence2", where))
         key = "sentence" if "sentence" in r else "text"
-        return Example(_text(r, key, where), kind="cls", label=lab, task=task, where=where)
+        return Example(_text(r, key, where), kind="cls", label=lab, task=task)
     if "instruction" in r:                                 # alpaca
         # NOTE: we append EOS so the model learns to stop; the reference appends "\n" and no EOS.
         return Example(alpaca_prompt(_text(r, "instruction", where), _text(r, "input", where, False)),
@@ -148,16 +148,19 @@ def record_to_example(r, where, tokenizer, task):
 def check_labels(examples, num_labels, source):
     """Every class id of classification examples must be below num_labels (from `source`, a flag or an
     adapter's head): checked when the data loads, not at the first batch that holds a bad one."""
-    for e in examples:
+    for e in (e for e in examples if e.kind == "cls"):
         bad = [l for l in (e.label if isinstance(e.label, list) else [e.label]) if l >= num_labels]
-        if e.kind == "cls" and bad:
+        if bad:
             raise ValueError(f"{e.where or e.task}: label {bad[0]} is out of range for {num_labels} classes ({source})")
 
 
 def load_data(path, tokenizer):
     """Read a data file into Examples; every record must have the same kind."""
     task = os.path.splitext(os.path.basename(path))[0]
-    examples = [record_to_example(r, where, tokenizer, task) for where, r in read_records(path)]
+    examples = []
+    for where, r in read_records(path):
+        examples.append(record_to_example(r, where, tokenizer, task))
+        examples[-1].where = where
     kinds = {e.kind for e in examples}
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes record formats ({', '.join(sorted(kinds))}); use one per file")
@@ -233,7 +236,7 @@ def load_task(name, split, root=None):
             prompt, options, gold = TASKS[name](r)
         except (KeyError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"{where}: not a {name} record ({type(e).__name__}: {e})") from None
-        out.append(Example(prompt, " " + options[gold], "choice", options, gold, task=name))
+        out.append(Example(prompt, " " + options[gold], "choice", options, gold, task=name, where=where))
     return out
 
 

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import checkpoints
 import data
+import guards
 import kernels
 import llama
 import lora
@@ -2351,15 +2353,26 @@ def run_interrupted(monkeypatch, at, ckpt, out, *extra):
     monkeypatch.setattr(data, "step_indices", real)
 
 
-def test_resume_equivalence(ckpt, tmp_path, monkeypatch):
-    """Interrupting (Ctrl-C) after 2 of 5 steps and resuming gives the uninterrupted run's losses."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_resume_equivalence(ckpt, tmp_path, monkeypatch, signal_name):
+    """Interrupting (Ctrl-C or SIGTERM) after 2 of 5 steps and resuming gives the uninterrupted run's losses."""
     d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
     common = ["--data", d, "--steps", "5", "--batch-size", "4", "--micro-batch-size", "2", "--schedule", "cosine",
               "--warmup-ratio", "0.4", "--lora-dropout", "0.1", "--lora-plus-ratio", "4", "--log-every", "1"]
     full = run(ckpt, tmp_path / "full", *common)["loss"]
-    run_interrupted(monkeypatch, 2, ckpt, tmp_path / "part", *common)
+    real = data.step_indices
+
+    def interrupt_at_2(n, step, *a):
+        if step == 2:  # Ctrl-C is SIGINT; a scheduler or `docker stop` sends SIGTERM
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return real(n, step, *a)
+    monkeypatch.setattr(data, "step_indices", interrupt_at_2)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, tmp_path / "part", *common)
+    assert e.value.code == {"SIGINT": 130, "SIGTERM": 143}[signal_name]
+    monkeypatch.setattr(data, "step_indices", real)
     rest = run(ckpt, tmp_path / "part", *common, "--resume")["loss"]
-    torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[2:]))
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[2:]), rtol=0, atol=0)
     lines = [json.loads(l) for l in open(tmp_path / "part" / "log.jsonl")]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5] and "load" in lines[0]
 
@@ -2497,6 +2510,181 @@ def test_multi_adapter_errors(ckpt, tmp_path, flags, words):
 
 
 # ----------------------------------------------------------------------------------------------------
+# train.py reliability (guards.py): used folders, the lock, resume rules, NaN, saving
+
+
+def folder_digest(folder):
+    """{relative path: bytes} of every file under folder (the lock file included)."""
+    return {os.path.relpath(os.path.join(r, f), folder): open(os.path.join(r, f), "rb").read()
+            for r, _, fs in os.walk(folder) for f in fs}
+
+
+def test_second_run_into_a_used_folder_is_refused_and_changes_nothing(ckpt, tmp_path):
+    """Without --resume or --overwrite a used --out is refused and its files stay byte-identical;
+    --overwrite replaces the run; --resume with --overwrite is refused."""
+    out = tmp_path / "r"
+    run(ckpt, out, "--adapter", "lora", "--steps", "2", "--max-eval", "4")
+    before = folder_digest(out)
+    with pytest.raises(ValueError, match=r"already holds a run .*--resume.*--overwrite"):
+        run(ckpt, out, "--adapter", "lora", "--steps", "1", "--lr", "1e-5")
+    assert folder_digest(out) == before
+    with pytest.raises(ValueError, match="contradict"):
+        run(ckpt, out, "--adapter", "lora", "--steps", "1", "--resume", "--overwrite")
+    run(ckpt, out, "--adapter", "lora", "--steps", "1", "--max-eval", "4", "--overwrite")
+    steps = [json.loads(l).get("step") for l in open(out / "log.jsonl") if '"loss"' in l]
+    assert steps == [1]  # the old log is gone, not mixed with the new one
+
+
+def test_lock_refuses_a_second_run_and_a_stale_lock_does_not_block(ckpt, tmp_path):
+    """While a run holds out/.lock another is refused naming its pid; a lock file left by a dead process is no obstacle."""
+    out = tmp_path / "r"
+    with guards.claim(str(out)):
+        with pytest.raises(ValueError, match=rf"another run \(pid {os.getpid()}\) is using this folder"):
+            run(ckpt, out, "--adapter", "lora", "--steps", "1")
+    (out / ".lock").write_text("999999")  # what kill -9 leaves: the file, but no flock on it
+    run(ckpt, out, "--adapter", "lora", "--steps", "1", "--max-eval", "4")
+    assert (out / "last").is_dir()
+
+
+def test_resume_refuses_changed_settings_and_allows_harmless_ones(ckpt, tmp_path, monkeypatch):
+    """A new --lora-alpha (or --seed) on --resume is refused naming both values; eval/log/save cadence may change."""
+    out, common = tmp_path / "r", ["--adapter", "lora", "--steps", "3", "--max-eval", "4"]
+    real = data.step_indices
+
+    def stop_at_2(n, step, *a):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(n, step, *a)
+    monkeypatch.setattr(data, "step_indices", stop_at_2)
+    with pytest.raises(SystemExit):
+        run(ckpt, out, *common)
+    monkeypatch.setattr(data, "step_indices", real)
+    with pytest.raises(ValueError, match=r"--lora-alpha 16 -> 32\.0"):
+        run(ckpt, out, *common, "--resume", "--lora-alpha", "32")
+    with pytest.raises(ValueError, match=r"--seed 42 -> 1"):
+        run(ckpt, out, *common, "--resume", "--seed", "1")
+    h = run(ckpt, out, *common, "--resume", "--eval-every", "1", "--log-every", "1", "--eval-batch-size", "3")
+    assert len(h["loss"]) == 1 and (out / "best").is_dir()
+
+
+def test_killed_during_the_final_evaluation_resumes_and_writes_best(ckpt, tmp_path, monkeypatch):
+    """An interruption during the final evaluation leaves a checkpoint that, resumed, evaluates again and writes best/."""
+    out, common = tmp_path / "r", ["--adapter", "lora", "--steps", "2", "--max-eval", "4"]
+    real = train.evaluate
+
+    def interrupted_eval(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate", interrupted_eval)
+    with pytest.raises(SystemExit):
+        run(ckpt, out, *common)
+    assert not (out / "best").exists() and torch.load(out / "checkpoint" / "state.pt")["step"] == 2
+    monkeypatch.setattr(train, "evaluate", real)
+    h = run(ckpt, out, *common, "--resume")
+    assert h["loss"] == [] and len(h["eval"]) == 1 and (out / "best").is_dir() and (out / "last").is_dir()
+
+
+def test_save_minutes_writes_checkpoints_by_time(ckpt, tmp_path, monkeypatch):
+    """--save-minutes writes out/checkpoint once that much training time has passed; 0 writes it only at the end."""
+    steps, real = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, model, opt, step, *a: steps.append(step) or
+                        real(path, model, opt, step, *a))
+    run(ckpt, tmp_path / "a", "--adapter", "lora", "--steps", "3", "--max-eval", "4", "--save-minutes", "1e-9")
+    assert steps == [1, 2, 3, 3]
+    steps.clear()
+    run(ckpt, tmp_path / "b", "--adapter", "lora", "--steps", "3", "--max-eval", "4", "--save-minutes", "0")
+    assert steps == [3]
+
+
+def test_diverging_run_stops_and_saves_nothing_non_finite(ckpt, tmp_path):
+    """--lr 1e30 stops with an error naming the step; every tensor saved in --out is finite."""
+    out = tmp_path / "r"
+    with pytest.raises(guards.NonFinite, match=r"^step \d+: .*(nan|inf)"):
+        run(ckpt, out, "--adapter", "lora", "--steps", "6", "--lr", "1e30", "--eval-every", "1", "--max-eval", "4")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".safetensors")]
+    for f in files:
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(f).values()), f
+    state = out / "checkpoint" / "state.pt"
+    if state.exists():
+        assert all(bool(torch.isfinite(t).all()) for t in torch.load(state)["trainable"].values())
+
+
+def test_nan_check_names_each_bad_value():
+    """check_finite passes finite values and names a NaN loss, an inf gradient norm and NaN weights."""
+    guards.check_finite(3, loss=torch.tensor(1.0), grad_norm=torch.tensor(2.0), params=[torch.ones(2)])
+    for kw, word in ((dict(loss=torch.tensor(float("nan"))), "loss nan"),
+                     (dict(grad_norm=torch.tensor(float("inf"))), "gradient norm inf"),
+                     (dict(params=[torch.ones(2), torch.tensor([float("nan")])]), "adapter weights")):
+        with pytest.raises(guards.NonFinite, match=f"^step 3: {word}"):
+            guards.check_finite(3, **kw, saved="x")
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(ckpt, tmp_path, monkeypatch):
+    """A write that fails mid-run (a full disk: torch.save raises) is one OSError naming the folder; the
+    previous checkpoint still loads and no half-written folder is left."""
+    out, real, calls = tmp_path / "r", torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 486976 vs 486928")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"checkpoint: could not be written .*any previous version is kept"):
+        run(ckpt, out, "--adapter", "lora", "--steps", "3", "--save-every", "1", "--max-eval", "4")
+    monkeypatch.setattr(torch, "save", real)
+    assert guards.read_state(str(out / "checkpoint"), "cpu")["step"] == 1 and not (out / "checkpoint.tmp").exists()
+
+
+@pytest.mark.parametrize("content,words", [(b"PK\x03\x04 cut", "cut short or damaged"),
+                                           (b"not a pickle", "weights_only refuses"), (None, "no 'trainable'")])
+def test_corrupt_resume_state_is_one_line(ckpt, tmp_path, content, words):
+    """A truncated, non-pickle or foreign state.pt stops --resume with one line naming the file."""
+    out = tmp_path / "r"
+    run(ckpt, out, "--adapter", "lora", "--steps", "1", "--max-eval", "4")
+    state = out / "checkpoint" / "state.pt"
+    state.write_bytes(content) if content else torch.save({"x": 1}, state)
+    with pytest.raises(ValueError) as e:
+        run(ckpt, out, "--adapter", "lora", "--steps", "1", "--resume")
+    assert words in str(e.value) and str(state) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--steps", "-3"], "--steps -3: expected a value in [0, inf)"), (["--max-len", "1"], "--max-len 1"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--eval-batch-size", "0"], "--eval-batch-size 0"),
+    (["--max-train", "-1"], "--max-train -1"), (["--val-fraction", "2"], "--val-fraction 2.0"),
+    (["--threads", "-1"], "--threads -1"), (["--lr", "0"], "--lr 0.0"), (["--epochs", "0"], "--epochs 0.0"),
+    (["--lr", "nan"], "--lr nan"), (["--device", "tpu9"], "--device tpu9: expected auto, cpu, cuda"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+])
+def test_bad_flag_values_are_one_line_errors(ckpt, tmp_path, argv, words):
+    """Zero, negative, NaN or out-of-range numbers and unknown devices are refused before anything runs."""
+    with pytest.raises(ValueError) as e:
+        train.main(["--model", ckpt, "--out", str(tmp_path / "o"), *argv])
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unusable_out_folders_are_one_line_errors(ckpt, tmp_path):
+    """--out that is a file, or lies under one, is refused naming it."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file, expected a folder"):
+        run(ckpt, tmp_path / "f", "--steps", "1")
+    with pytest.raises(ValueError, match="cannot write there"):
+        run(ckpt, tmp_path / "f" / "sub", "--steps", "1")
+
+
+def test_training_example_without_a_target_is_refused(ckpt, tmp_path):
+    """A record with nothing to predict (one token, no BOS) is refused with its file and line, not trained as 0/0."""
+    import shutil
+    no_bos = shutil.copytree(ckpt, tmp_path / "ckpt")
+    conf = json.load(open(no_bos / "tokenizer_config.json"))
+    json.dump({**conf, "add_bos_token": False}, open(no_bos / "tokenizer_config.json", "w"))
+    d = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat"}, {"text": "dog"}] * 3)
+    with pytest.raises(ValueError, match=r"d.jsonl:2: a training example has no target token"):
+        run(str(no_bos), tmp_path / "o", "--data", d, "--eval-data", d, "--steps", "1")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Errors: one line, naming the file / line / flag
 
 
@@ -2548,10 +2736,12 @@ def test_labels_beyond_the_head_are_refused_by_record(ckpt, tmp_path):
 
 
 def test_cli_errors_are_one_line(ckpt, tmp_path):
-    """From the command line, a missing checkpoint or a malformed file gives one line and exit status 1."""
+    """From the command line, a missing checkpoint, a malformed file, an unknown device or an --out that is a
+    file gives one line and exit status 1."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
-    for argv in (["--model", str(tmp_path / "nope")], ["--data", str(bad), "--model", ckpt]):
+    for argv in (["--model", str(tmp_path / "nope")], ["--data", str(bad), "--model", ckpt],
+                 ["--model", ckpt, "--device", "tpu9"], ["--model", ckpt, "--out", str(bad)]):
         p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True)
         assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
         assert p.stderr.startswith("error: ")

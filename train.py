@@ -46,6 +46,7 @@ import torch.nn as nn
 
 import checkpoints
 import data
+import guards
 import llama
 import losses
 import multi
@@ -145,8 +146,14 @@ arg("--eval-every", type=int, default=0, help="evaluate every N optimiser steps 
 arg("--eval-before", action=argparse.BooleanOptionalAction, default=True, help="evaluate before training too")
 arg("--eval-batch-size", type=int, default=16, help="examples per evaluation forward pass")
 arg("--log-every", type=int, default=1, help="print a progress line every N optimiser steps")
-arg("--save-every", type=int, default=0, help="write out/checkpoint every N steps (0 = at eval and at the end)")
-arg("--resume", action="store_true", help="continue from <out>/checkpoint (adapter, optimiser, step, RNG)")
+arg("--save-every", type=int, default=0, help="also write out/checkpoint every N steps (it is written at every "
+  "evaluation, every --save-minutes, on Ctrl-C / SIGTERM and at the end)")
+arg("--save-minutes", type=float, default=5.0, help="write out/checkpoint after this many minutes of training "
+  "since the last one (0 = off), so that a kill -9 or an out-of-memory kill costs little")
+arg("--resume", action="store_true", help="continue from <out>/checkpoint (adapter, optimiser, step, RNG) with "
+  "the same settings; only the flags in guards.MAY_CHANGE (when to evaluate, log, save; where to run) may differ")
+arg("--overwrite", action="store_true", help="replace the run already in --out (without it, or --resume, a "
+  "used --out is refused)")
 arg("--eval-only", action="store_true", help="only evaluate (the base model, or --adapter-path) and exit")
 arg("--adapter-path", help="adapter folder to evaluate with --eval-only or warm up with --warmup")
 # Select-MoE: stage 1 warm-up here, then selection.py --score / --select
@@ -316,9 +323,10 @@ def replace_dir(tmp, path):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
-def save_checkpoint(path, model, opt, step, args, best):
+def save_checkpoint(path, model, opt, step, args, best, finished=False):
     """Adapter files (loadable with --adapter-path) + state.pt: exact trainable tensors, optimiser,
-    step (the schedule is a function of it), data position and RNG states."""
+    step (the schedule is a function of it), data position, RNG states, and whether the final evaluation
+    is done (a run killed during it evaluates again on --resume)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, format=args.adapter_format)
@@ -326,7 +334,7 @@ def save_checkpoint(path, model, opt, step, args, best):
              "optimizer": opt.state_dict(), "step": step, "data_position": step * args.batch_size,
              "best": best, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-             "args": vars(args)}
+             "args": vars(args), "finished": finished}
     torch.save(state, os.path.join(tmp, "state.pt"))
     replace_dir(tmp, path)
 
@@ -353,6 +361,10 @@ class Run:
     base: nn.Module = None                          # several LM adapters: the base alone (step-0 evaluation)
     total_steps: int = 0
     start: int = 0                                  # first step of this process's run (> 0 on --resume)
+    completed: int = 0                              # optimiser steps done (what an interruption saves)
+    saved_step: int = None                          # step of the last checkpoint written or resumed from
+    saved_at: float = 0.0                           # when it was written (for --save-minutes)
+    finished: bool = False                          # the final evaluation is done (from the checkpoint)
     t0: float = 0.0                                 # when the loop began
     tokens_seen: int = 0                            # tokens (padding excluded) trained on, summed over adapters
     history: dict = field(default_factory=lambda: {"loss": [], "eval": []})  # what main returns
@@ -386,9 +398,9 @@ def set_defaults(args):
     """The built-in demo (no --task, no --data) is tuned to finish in minutes on a CPU; the rest follows
     the reference's defaults."""
     demo = not args.task and not args.data
-    args.lr = args.lr or (1e-3 if demo else 2e-4)
-    args.epochs = args.epochs or (1 if demo else 2)
-    args.batch_size = args.batch_size or (8 if demo else 16)
+    args.lr = args.lr if args.lr is not None else (1e-3 if demo else 2e-4)
+    args.epochs = args.epochs if args.epochs is not None else (1 if demo else 2)
+    args.batch_size = args.batch_size if args.batch_size is not None else (8 if demo else 16)
 
 
 def setup_processes(args):
@@ -396,7 +408,7 @@ def setup_processes(args):
     run = Run(args, world=int(os.environ.get("WORLD_SIZE", 1)), rank=int(os.environ.get("RANK", 0)))
     if args.device == "auto":
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = guards.check_device(args.device)
     if run.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -426,7 +438,8 @@ def load_model_and_data(run):
     run.kind = (train_items or [x for v in run.evals.values() for x in v])[0].kind
     if run.kind == "cls" and not args.num_labels:
         labels = [x.label for v in [train_items] + list(run.evals.values()) for x in v]
-        args.num_labels = 1 + max(max(l) if isinstance(l, list) else l for l in labels)
+        args.num_labels = 1 + max(max(l, default=0) if isinstance(l, list) else l for l in labels)
+    data.check_labels(train_items + [x for v in run.evals.values() for x in v], args.num_labels, "--num-labels")
     return train_items
 
 
@@ -537,6 +550,9 @@ def add_adapter(run):
         model.to(run.device)
     if run.kind == "cls" and getattr(model, "score", None) is None:
         raise ValueError("classification data needs a classification head: pass --adapter-path of a trained one")
+    if run.kind == "cls" and args.adapter_path:  # the loaded head's classes, not the data's, are the limit
+        data.check_labels([x for v in run.evals.values() for x in v], model.score.out_features,
+                          f"the head of {args.adapter_path}")
     n_train, n_total = mark_trainable(model)
     cfg = getattr(model, "adapter_config", None)
     if getattr(cfg, "quality_gate", False):  # the quality-loss settings of this run (saved with the adapter)
@@ -588,6 +604,10 @@ def encode_training_set(run, train_items):
         raise ValueError("no training examples (check --task / --data / --max-train)")
     enc = [data.encode(run.tok, e, args.max_len, args.train_on_prompt) for e in train_items]
     n_cut = sum(e["truncated"] for e in enc)
+    empty = [e["example"] for e in enc if e["example"].kind != "cls" and all(l == data.IGNORE for l in e["labels"][1:])]
+    if empty:  # nothing to predict: a batch of these would divide a zero loss by zero targets
+        raise ValueError(f"{empty[0].where or empty[0].task}: a training example has no target token "
+                         f"(--max-len {args.max_len}); {len(empty)} such example(s)")
     if getattr(getattr(run.model, "adapter_config", None), "quality_gate", False) and args.quality_loss == "bce" and any(
             getattr(e, "quality", None) is None for e in train_items):
         raise ValueError("--quality-loss bce needs a 'quality' label (1 good, 0 bad) on every record of --data")
@@ -632,7 +652,9 @@ def resume(run):
     """---- 6. resume: for each adapter its trainable tensors, optimiser and best score; the step (= schedule
     and data position) and RNG; then open each OUT/log.jsonl (appended to, so a resumed run's log continues
     the interrupted one's)."""
-    args, steps = run.args, {}
+    args, steps, done = run.args, {}, set()
+    if args.overwrite and run.rank == 0:  # only now, when the new run has loaded and is about to write
+        guards.clear(args.out)
     for t in run.adapters:
         os.makedirs(t.out, exist_ok=True)
         ckpt_dir = os.path.join(t.out, "checkpoint")
@@ -640,7 +662,8 @@ def resume(run):
             path = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + ".old"
             if not os.path.isfile(os.path.join(path, "state.pt")):
                 raise FileNotFoundError(f"--resume: {ckpt_dir}/state.pt not found")
-            state = torch.load(os.path.join(path, "state.pt"), map_location=run.device, weights_only=True)
+            state = guards.read_state(path, run.device)
+            guards.check_resume_args(state["args"], t.args, path)
             try:
                 unknown = t.model.load_state_dict(state["trainable"], strict=False).unexpected_keys
             except RuntimeError:  # a shape mismatch
@@ -649,19 +672,23 @@ def resume(run):
                 raise ValueError(f"--resume: {path} holds a different adapter (check --adapter and its sizes)")
             t.opt.load_state_dict(state["optimizer"])
             t.best, steps[t.name] = state["best"], state["step"]
+            done.add(state.get("finished", False))
             torch.set_rng_state(state["rng"]["torch"].cpu())
             random.setstate(state["rng"]["python"])
         t.log_file = open(os.path.join(t.out, "log.jsonl"), "a") if run.rank == 0 else None
     if args.resume:
         if len(set(steps.values())) > 1:
             raise ValueError(f"--resume: the adapters' checkpoints are at different steps ({steps})")
-        run.start = next(iter(steps.values()))
+        run.start = run.saved_step = next(iter(steps.values()))
+        run.finished = all(done)
         run.log(f"resumed from {args.out} at step {run.start}/{run.total_steps} (example {run.start * args.batch_size})")
 
 
 def run_eval(run, step):
     """Evaluate each adapter (rank 0), log the results, and save its OUT/best when its headline improves.
-    Several adapters: step 0 evaluates the base model once (each starts from it)."""
+    Several adapters: step 0 evaluates the base model once (each starts from it). A non-finite adapter is
+    never scored."""
+    check_adapters(run, step)
     if run.rank == 0 and step == 0 and run.base is not None:
         results = evaluate(run.base, run.tok, run.evals, run.args, run.device, run.ctx)
         run.log(f"eval step 0, base model: {format_results(results)}")
@@ -675,16 +702,35 @@ def run_eval(run, step):
             t.history["eval"].append(results)
             if step > 0 and headline(results) > t.best:
                 t.best = headline(results)
-                save_adapter(t.model, os.path.join(t.out, "best"), t.args.adapter_format)  # atomic
+                with guards.saving(os.path.join(t.out, "best")):
+                    save_adapter(t.model, os.path.join(t.out, "best"), t.args.adapter_format)  # atomic
     if run.world > 1:
         dist.barrier()
 
 
-def checkpoint(run, step):
-    """OUT/checkpoint of every adapter at `step` (rank 0), what --resume continues from."""
+def checkpoint(run, step, finished=False):
+    """OUT/checkpoint of every adapter at `step` (rank 0), what --resume continues from; never of a
+    non-finite adapter."""
+    check_adapters(run, step)
     if run.rank == 0:
         for t in run.adapters:
-            save_checkpoint(os.path.join(t.out, "checkpoint"), t.model, t.opt, step, t.args, t.best)
+            with guards.saving(os.path.join(t.out, "checkpoint")):
+                save_checkpoint(os.path.join(t.out, "checkpoint"), t.model, t.opt, step, t.args, t.best, finished)
+    run.saved_step, run.saved_at = step, time.time()
+
+
+def last_good(run):
+    """Where the last good state is, for the message of a stopped run."""
+    if run.saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, in {run.args.out}, is at step {run.saved_step}"
+
+
+def check_adapters(run, step):
+    """Stop (guards.NonFinite) when an adapter holds a NaN/inf weight, before it is evaluated or saved."""
+    for t in run.adapters:
+        guards.check_finite(step if len(run.adapters) == 1 else f"{step} ({t.name})", params=t.params,
+                            saved=last_good(run))
 
 
 def step_batches(run, enc, step):
@@ -782,10 +828,15 @@ def train_step(run, enc, step):
         for tk in terms:
             for key in tk:
                 dist.all_reduce(tk[key])
+    gnorms = [torch.nn.utils.clip_grad_norm_(t.params, t.args.grad_clip if t.args.grad_clip > 0 else float("inf"))
+              for t in adapters]
+    # a NaN/inf stops the run before AdamW applies it; an update that overflows the weights shows as a
+    # NaN loss one step later, or is caught before any evaluation or save (check_adapters)
+    for t, tk, gnorm in zip(adapters, terms, gnorms):
+        guards.check_finite(step + 1 if len(adapters) == 1 else f"{step + 1} ({t.name})", loss=sum(tk.values()),
+                            grad_norm=gnorm, saved=last_good(run))
     stats = []
-    for t, scale, tk, ld in zip(adapters, scales, terms, loads):
-        clip = t.args.grad_clip if t.args.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(t.params, clip)
+    for t, scale, tk, ld, gnorm in zip(adapters, scales, terms, loads, gnorms):
         t.opt.step()
         t.opt.zero_grad(set_to_none=True)
         stats.append({"terms": {k: float(v) for k, v in tk.items()}, "lr": t.args.lr * scale,
@@ -832,39 +883,45 @@ def log_step(run, done, stats):
 
 
 def train(run, enc):
-    """---- 7. the loop: one step, its log line, then the evaluation and checkpoint cadence. Ctrl-C writes
-    a checkpoint at the last whole step (the interrupted step's partial gradients are dropped)."""
+    """---- 7. the loop: one step, its log line, then the evaluation and checkpoint cadence (every
+    --eval-every and --save-every steps, and after --save-minutes of training since the last checkpoint)."""
     args = run.args
     if args.eval_before and run.start == 0:
         run_eval(run, 0)
     run.model.train()
-    run.t0, completed = time.time(), run.start
-    try:
-        for step in range(run.start, run.total_steps):
-            s = train_step(run, enc, step)
-            completed = done = step + 1
-            log_step(run, done, s)
-            if args.eval_every and done % args.eval_every == 0 and done < run.total_steps:
-                run_eval(run, done)
-            if (args.save_every and done % args.save_every == 0) or (args.eval_every and done % args.eval_every == 0):
-                checkpoint(run, done)
-    except KeyboardInterrupt:
-        checkpoint(run, completed)
-        run.log(f"\ninterrupted: checkpoint at step {completed} in {os.path.join(args.out, 'checkpoint')}; "
-                "continue with --resume")
-        sys.exit(130)
+    run.t0 = run.saved_at = time.time()
+    run.completed = run.start
+    for step in range(run.start, run.total_steps):
+        s = train_step(run, enc, step)
+        run.completed = done = step + 1
+        log_step(run, done, s)
+        if args.eval_every and done % args.eval_every == 0 and done < run.total_steps:
+            run_eval(run, done)
+        due = args.save_minutes and time.time() - run.saved_at >= 60 * args.save_minutes
+        if (args.save_every and done % args.save_every == 0) or (args.eval_every and done % args.eval_every == 0) or due:
+            checkpoint(run, done)
+
+
+def interrupted(run, why):
+    """Ctrl-C or SIGTERM: a checkpoint at the last whole step (the interrupted step's partial gradients
+    are dropped; an interrupted final evaluation runs again on --resume), then exit 130 / 143."""
+    checkpoint(run, run.completed)
+    run.log(f"\ninterrupted ({why or 'Ctrl-C'}): checkpoint at step {run.completed} in {run.args.out}; "
+            "continue with --resume")
+    sys.exit(143 if why == "SIGTERM" else 130)
 
 
 def finish(run):
     """---- 8. final evaluation, last and best adapters, final checkpoint; several adapters: one results
     table, a row per adapter and the base model."""
     args = run.args
-    if run.start < run.total_steps or not args.resume:
+    if not run.finished:
         run_eval(run, run.total_steps)
     if run.rank == 0:
         for t in run.adapters:
-            save_adapter(t.model, os.path.join(t.out, "last"), t.args.adapter_format)
-        checkpoint(run, run.total_steps)
+            with guards.saving(os.path.join(t.out, "last")):
+                save_adapter(t.model, os.path.join(t.out, "last"), t.args.adapter_format)
+        checkpoint(run, run.total_steps, finished=True)
         if len(run.adapters) > 1:
             run.log(results_table(run))
         where = args.out if len(run.adapters) == 1 else os.path.join(args.out, "{" + ",".join(t.name for t in run.adapters) + "}")
@@ -896,20 +953,27 @@ def main(argv=None):
     """Parse the flags and run the stages in order; returns {"loss": [per step], "eval": [results]}
     ({"eval": results} with --eval-only)."""
     args = parser.parse_args(argv)
+    guards.check_ranges(args)
     keep_freed_memory()  # ~10% faster steps on CPU (see kernels.py)
     set_defaults(args)
     run = setup_processes(args)
-    train_items = load_model_and_data(run)
-    add_adapter(run)
-    if args.eval_only:  # the one mode that does not train
-        results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx) if run.rank == 0 else {}
-        run.log(format_results(results))
-        return {"eval": results}
-    enc = encode_training_set(run, train_items)
-    make_optimizer(run)
-    resume(run)
-    train(run, enc)
-    finish(run)
+    writes = run.rank == 0 and not args.eval_only  # --eval-only writes nothing into --out
+    with guards.claim(args.out, args.resume, args.overwrite) if writes else nullcontext():  # lock, no reuse
+        train_items = load_model_and_data(run)
+        add_adapter(run)
+        if args.eval_only:  # the one mode that does not train
+            results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx) if run.rank == 0 else {}
+            run.log(format_results(results))
+            return {"eval": results}
+        enc = encode_training_set(run, train_items)
+        make_optimizer(run)
+        resume(run)
+        with guards.sigterm_saves():
+            try:
+                train(run, enc)
+                finish(run)
+            except KeyboardInterrupt as e:
+                interrupted(run, str(e))
     return run.history
 
 
@@ -918,6 +982,8 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except OSError as e:  # a full disk, a folder that became read-only: the previous files are whole
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
