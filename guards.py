@@ -66,14 +66,15 @@ RANGES = {
     "micro_batch_size": "[0, inf)", "lr": "(0, inf)", "lora_plus_ratio": "[1, inf)", "warmup_ratio": "[0, 1)",
     "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "threads": "[0, inf)", "seed": "[0, inf)",
     "eval_every": "[0, inf)", "eval_batch_size": "[1, inf)", "log_every": "[1, inf)", "save_every": "[0, inf)",
-    "save_minutes": "[0, inf)", "quality_loss_weight": "[0, inf)",
+    "save_minutes": "[0, inf)", "quality_loss_weight": "[0, inf)", "router_init_range": "[0, inf)",
+    "blc_weight": "[0, inf)", "blc_alpha": "[0, 1)",
 }
 
 
 def check_ranges(args):
     """One-line error for the first numeric flag outside its RANGES interval."""
     for name, spec in RANGES.items():
-        v = getattr(args, name)
+        v = getattr(args, name, None)
         if v is None:
             continue
         lo, hi = (float(x) for x in spec[1:-1].split(","))
