@@ -5,9 +5,11 @@ classification data, a built-in synthetic task, tokenisation with target masking
 Every source becomes a list of `Example`s of one of three kinds:
 
     "lm"      prompt + answer text; the loss is on the answer tokens (alpaca, chat, plain text)
-    "choice"  a multiple-choice question: trained as prompt + " " + label (causal LM, as the
-              reference does), scored by the label token with the highest logit at the last prompt
-              token, restricted to that question's own options (the commonsense tasks, the demo task)
+    "choice"  a multiple-choice question in two formats. labels (the reference's): trained as prompt +
+              " " + label (causal LM), scored by the label token with the highest logit at the last
+              prompt token, restricted to that question's own options. cloze (lm-evaluation-harness's):
+              each option a (context, choice) pair scored by the log-likelihood of " " + choice, see
+              cloze.py; trained on the correct option's continuation. (Tasks, demo, multiple-choice files)
     "cls"     sequence classification: a head on the last real token (sentence / sentence pairs)
 
 Data formats, detected from the keys of each record (a JSON list, or JSONL with one object a line):
@@ -17,6 +19,9 @@ Data formats, detected from the keys of each record (a JSON list, or JSONL with 
     {"text"}                                     plain text, every token is a target
     {"sentence" | "text", "label"}               classification; "label" an int, or a list of ints
     {"sentence1", "sentence2", "label"}          for multi-label; pairs as in GLUE
+    {"question", "choices": {"label", "text"},   multiple choice, the ARC schema
+     "answerKey"}
+    {"question", "options": [...], "answer"}     multiple choice, plain: answer an index or a label (A, B..)
 
 Reference: MixLoRA / MoE-PEFT, ../shared/reference/mixlora.md section 7 (tasks, prompts, scoring,
 classification head) and section 9 (cutoff, shuffling). Prompts are the reference's, word for word.
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cloze
 import task_data  # where the tasks and the named data files (alpaca-demo, sentiment-*) come from
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -51,6 +57,8 @@ class Example:
     bos: bool = True         # prepend BOS as the tokenizer does by default (False: the chat template has it)
     eos: bool = False        # append EOS after the answer, so generation learns to stop
     where: str = ""          # "file:line" of the record, for error messages
+    cloze: tuple = ()        # choice: (context, choice text) per option, the cloze format (cloze.py)
+    index: int = None        # position of the record in its file (for predictions.jsonl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,8 +115,52 @@ def alpaca_prompt(instruction, inp=""):
     return f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{inp}\n\n" if inp else "") + "### Output:\n"
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def choice_record(r, where, task):
+    """A multiple-choice record, ARC schema (choices {label, text}, answerKey) or plain (options, answer as
+    an index or a label A, B, ...) -> a "choice" Example with both formats: the reference's prompt with
+    the labels, and the harness's ARC cloze pairs."""
+    question = _text(r, "question", where)
+    if "choices" in r:
+        c = r["choices"]
+        texts = c.get("text") if isinstance(c, dict) else None
+        labels = [str(x) for x in c.get("label", [])] if isinstance(c, dict) and isinstance(c.get("label"), list) else []
+        answer = r.get("answerKey")
+        gold = labels.index(answer) if answer in labels else None
+        if isinstance(texts, list) and len(labels) != len(texts):
+            raise ValueError(f"{where}: 'choices' has {len(labels)} labels for {len(texts)} texts")
+    else:
+        texts, answer = r.get("options"), r.get("answer")
+        labels = list(LETTERS[:len(texts)]) if isinstance(texts, list) else []
+        if isinstance(texts, list) and len(texts) > len(LETTERS):
+            raise ValueError(f"{where}: {len(texts)} options, at most {len(LETTERS)} (labels A-Z)")
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            gold = answer if 0 <= answer < len(labels) else None
+        else:
+            gold = labels.index(answer) if answer in labels else None
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"{where}: no options: expected 'choices': {{label: [...], text: [...]}} or 'options': "
+                         "[...], a non-empty list of non-empty strings")
+    if gold is None:
+        raise ValueError(f"{where}: answer {answer!r} is not among the options (labels {', '.join(labels)}"
+                         + (f", or an index 0-{len(labels) - 1})" if "options" in r else ")"))
+    return Example(_mc(question, labels, texts), " " + labels[gold], "choice", tuple(labels), gold, task=task,
+                   cloze=tuple(cloze.question_pairs(question, texts)), where=where)
+
+
+def schema(r, ex):
+    """The schema of a record, to refuse files that mix them."""
+    if ex.kind == "choice":
+        return "ARC-schema multiple-choice" if "choices" in r else "plain multiple-choice"
+    return {"lm": "language-modelling", "cls": "classification"}[ex.kind]
+
+
 def record_to_example(r, where, tokenizer, task):
     """One record of any supported format -> Example (format detected from its keys)."""
+    if any(k in r for k in ("choices", "options", "answerKey")) or ("question" in r and "answer" in r):
+        return choice_record(r, where, task)
     if "label" in r:                                       # classification
         lab = r["label"]
         ok = isinstance(lab, int) or (isinstance(lab, list) and all(isinstance(x, int) for x in lab))
@@ -142,7 +194,7 @@ def record_to_example(r, where, tokenizer, task):
     if "text" in r:                                        # plain text: all of it is the target
         return Example("", _text(r, "text", where), task=task)
     raise ValueError(f"{where}: unknown record format (keys {sorted(r)}); expected instruction/output, "
-                     "messages, text, or sentence/label")
+                     "messages, text, sentence/label, or question/choices/answerKey or question/options/answer")
 
 
 def check_labels(examples, num_labels, source):
@@ -157,13 +209,14 @@ def check_labels(examples, num_labels, source):
 def load_data(path, tokenizer):
     """Read a data file into Examples; every record must have the same kind."""
     task = os.path.splitext(os.path.basename(path))[0]
-    examples = []
-    for where, r in read_records(path):
-        examples.append(record_to_example(r, where, tokenizer, task))
-        examples[-1].where = where
-    kinds = {e.kind for e in examples}
-    if len(kinds) > 1:
-        raise ValueError(f"{path}: mixes record formats ({', '.join(sorted(kinds))}); use one per file")
+    examples, first = [], None
+    for i, (where, r) in enumerate(read_records(path)):
+        ex = record_to_example(r, where, tokenizer, task)
+        ex.index, ex.where, s = i, where, schema(r, ex)
+        first = first or s
+        if s != first:
+            raise ValueError(f"{where}: a {s} record in a file of {first} records; use one schema per file")
+        examples.append(ex)
     return examples
 
 
@@ -231,12 +284,14 @@ def load_task(name, split, root=None):
         raise ValueError(f"--task: unknown task {name!r}, expected one of {', '.join(TASKS)} (or 'demo')")
     path = task_data.task_file(name, split, root)
     out = []
-    for where, r in read_records(path):
+    for i, (where, r) in enumerate(read_records(path)):
         try:
             prompt, options, gold = TASKS[name](r)
+            pairs = tuple(cloze.TASKS[name](r))
         except (KeyError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"{where}: not a {name} record ({type(e).__name__}: {e})") from None
-        out.append(Example(prompt, " " + options[gold], "choice", options, gold, task=name, where=where))
+        out.append(Example(prompt, " " + options[gold], "choice", options, gold, task=name, cloze=pairs, index=i,
+                           where=where))
     return out
 
 
@@ -274,7 +329,8 @@ def demo_task(n_train=256, n_test=128, seed=0):
         words = [gold] + dist
         rng.shuffle(words)
         prompt = f"Which word is {cat}: {words[0]}, {words[1]} or {words[2]}?\nAnswer:"
-        items.append(Example(prompt, " " + gold, "choice", tuple(words), words.index(gold), task="demo"))
+        items.append(Example(prompt, " " + gold, "choice", tuple(words), words.index(gold), task="demo",
+                             cloze=tuple((prompt, w) for w in words)))
     return items[:n_train], items[n_train:]
 
 
@@ -309,11 +365,13 @@ def truncate(prompt, answer, max_len):
     return p, a, True
 
 
-def encode(tokenizer, ex, max_len, train_on_prompt=False, with_answer=True):
+def encode(tokenizer, ex, max_len, train_on_prompt=False, with_answer=True, fmt="labels"):
     """Example -> {"ids": [int], "labels": [int] (token id where it is a target, else IGNORE), ...}.
 
     labels are aligned with ids (not shifted); collate() shifts them. Answer tokens are targets; with
-    train_on_prompt the prompt tokens are too (except a leading BOS, which nothing predicts).
+    train_on_prompt the prompt tokens are too (except a leading BOS, which nothing predicts). A choice
+    example in fmt "cloze" is the correct option's context and continuation, tokenised as cloze.py
+    scores them, so the target tokens are exactly the ones the cloze evaluation sums over.
     NOTE: the reference trains on every token, prompt and padding included; we never train on padding.
     """
     prompt = tokenizer.encode(ex.prompt, add_bos=None if ex.bos else False) if ex.prompt or ex.bos else []
@@ -321,7 +379,10 @@ def encode(tokenizer, ex, max_len, train_on_prompt=False, with_answer=True):
         # The reference tokenises each field with BOS and concatenates: BOS s1 BOS s2.
         prompt = prompt + tokenizer.encode(ex.prompt2, add_bos=None)
     answer = []
-    if with_answer and ex.kind == "choice":
+    if ex.kind == "choice" and fmt == "cloze":
+        prompt, answer = cloze.encode_pair(tokenizer, *ex.cloze[ex.label])
+        answer = answer if with_answer else []
+    elif with_answer and ex.kind == "choice":
         # NOTE: the reference trains on all tokens of " " + label and scores the last one at the last
         # prompt position; we train exactly that token at that position, so training and scoring agree
         # when " " + label is several tokens (SmolLM2: " 1" = " ", "1").

