@@ -3635,3 +3635,45 @@ def test_cloze_training_targets_are_the_continuation(ckpt):
     start, scored = opts[1][1], opts[1][2]                                 # evaluation sums over the same tokens
     assert [i for i, x in enumerate(t.tolist()) if x != data.IGNORE] == list(range(start, start + len(scored)))
     assert data.encode(tok, ex, 64)["labels"][-1] == data.option_token_ids(tok, ex.options)[1]  # labels unchanged
+
+
+def mc_file(path, n=8):
+    """n plain-schema questions over the tiny vocabulary, options of different lengths, answers cycling."""
+    opts = [["apple", "the dog runs", "red"], ["cat", "mat"], ["one two", "three", "four five six", "x"]]
+    return write_jsonl(path, [{"question": f"which is {w} ?", "options": opts[i % 3], "answer": i % len(opts[i % 3])}
+                              for i, w in enumerate(word_list()[40:40 + n])])
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "labels"])
+def test_predictions_jsonl(ckpt, tmp_path, fmt):
+    """--eval-only writes one line per question: its index in the file, every option's score, prediction, gold."""
+    f = mc_file(tmp_path / "mc.jsonl")
+    res = run(ckpt, tmp_path / "o", "--data", f, "--eval-data", f, "--eval-only", "--eval-format", fmt, "--max-eval", "6",
+              "--eval-batch-size", "4")["eval"]["mc.jsonl"]
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "predictions" / "mc.jsonl")]
+    recs = [r for _, r in data.read_records(f)]
+    assert len(rows) == 6 and len({r["index"] for r in rows}) == 6
+    for r in rows:
+        options = recs[r["index"]]["options"]
+        assert r["gold"] == recs[r["index"]]["answer"] and len(r["scores"]) == len(r["scores_norm"]) == len(options)
+        assert r["pred"] == max(range(len(options)), key=lambda i: r["scores"][i])
+        if fmt == "cloze":
+            assert r["scores_norm"] == [pytest.approx(s / len(o)) for s, o in zip(r["scores"], options)]
+            assert r["pred_norm"] == max(range(len(options)), key=lambda i: r["scores_norm"][i])
+        else:
+            assert_close(torch.tensor(r["scores_norm"]), torch.log_softmax(torch.tensor(r["scores"]), 0))
+    assert res["accuracy"] == pytest.approx(sum(r["pred"] == r["gold"] for r in rows) / 6)
+    if fmt == "cloze":
+        assert res["acc_norm"] == pytest.approx(sum(r["pred_norm"] == r["gold"] for r in rows) / 6)
+
+
+def test_cloze_training_run_writes_predictions_per_evaluation(ckpt, tmp_path):
+    """Training in the cloze format on a multiple-choice file evaluates in cloze and keeps each evaluation's predictions."""
+    f = mc_file(tmp_path / "mc.jsonl")
+    run(ckpt, tmp_path / "o", "--data", f, "--eval-data", f, "--train-format", "cloze", "--eval-format", "cloze",
+        "--steps", "2", "--batch-size", "4", "--eval-every", "1", "--adapter", "lora")
+    for step in (1, 2):
+        rows = [json.loads(line) for line in open(tmp_path / "o" / "predictions" / f"step{step}" / "mc.jsonl")]
+        assert len(rows) == 8 and all("pred_norm" in r for r in rows)
+    evals = [json.loads(line)["eval"] for line in open(tmp_path / "o" / "log.jsonl") if '"eval"' in line]
+    assert len(evals) == 2 and all("acc_norm" in e["mc.jsonl"] for e in evals)

@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoints
+import cloze
 import data
 import guards
 import llama
@@ -121,6 +122,12 @@ arg("--max-train", type=int, default=0, help="use at most this many training exa
 arg("--max-eval", type=int, default=0, help="evaluate on at most this many examples per source (0 = all)")
 arg("--max-len", type=int, default=512, help="truncate examples to this many tokens (reference cutoff_len 512)")
 arg("--train-on-prompt", action="store_true", help="also train on prompt tokens (default: answer tokens only)")
+arg("--eval-format", default="labels", choices=["labels", "cloze"],
+  help="multiple choice: labels = the reference's (the best option label token after its prompt); cloze = "
+       "lm-evaluation-harness's (each option's continuation log-likelihood; acc and acc_norm, see cloze.py)")
+arg("--train-format", default="labels", choices=["labels", "cloze"],
+  help="multiple choice: train on the answer label after the reference's prompt (labels), or on the correct "
+       "option's continuation after its cloze context (cloze)")
 arg("--num-labels", type=int, default=0, help="classes of the classification head (0 = from the data)")
 # optimisation
 arg("--epochs", type=float, default=None, help="passes over the training data (default 2 as the reference; demo 1)")
@@ -237,13 +244,42 @@ def forward(model, batch, device, ctx, head=True, repeat=1):
     return out, tmask
 
 
+def evaluate_cloze(model, tok, items, args, ctx):
+    """Cloze metrics (acc, acc_norm) of one source's choice examples, and one record per question."""
+    enc = [cloze.encode_options(tok, e.cloze, args.max_len) for e in items]
+    if sum(cut for _, cut in enc):
+        print(f"warning: {items[0].task}: {sum(cut for _, cut in enc)} of {len(enc)} evaluation questions have an "
+              f"option truncated to --max-len {args.max_len} tokens (on the left)")
+    scores = cloze.score_questions(model, [opts for opts, _ in enc], tok.pad_id, args.eval_batch_size, ctx)
+    return cloze.cloze_predictions(scores, [e.cloze for e in items], [e.label for e in items], [e.index for e in items])
+
+
+def write_predictions(folder, name, rows):
+    """<folder>/<name>.jsonl, one line per question; written beside and renamed into place."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{os.path.splitext(name)[0]}.jsonl")  # arc-e.jsonl, or mine.jsonl for mine.jsonl
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(path + ".tmp", path)
+
+
 @torch.no_grad()
-def evaluate(model, tok, evals, args, device, ctx):
-    """{source: metrics}. choice: accuracy of the best own-option token at the last prompt token;
-    cls: accuracy/F1/MCC of the head; lm: mean loss per target token. Baselines beside them."""
+def evaluate(model, tok, evals, args, device, ctx, predictions=None):
+    """{source: metrics}. choice: accuracy of the best own-option token at the last prompt token (labels)
+    or acc / acc_norm of the option log-likelihoods (cloze); cls: accuracy/F1/MCC of the head; lm: mean
+    loss per target token. Baselines beside them. With `predictions` (a folder), every question's option
+    scores, prediction and gold go to <predictions>/<source>.jsonl."""
     model.eval()
     results = {}
     for name, items in evals.items():
+        if items[0].kind == "choice" and args.eval_format == "cloze":
+            rows, r = evaluate_cloze(model, tok, items, args, ctx)
+            chance, majority = data.baselines([e.label for e in items], [len(e.options) for e in items])
+            results[name] = {**r, "chance": chance, "majority": majority, "n": len(items)}
+            if predictions:
+                write_predictions(predictions, name, rows)
+            continue
+        rows = []
         kind, enc = items[0].kind, [data.encode(tok, e, args.max_len, with_answer=items[0].kind == "lm") for e in items]
         if sum(e["truncated"] for e in enc):
             print(f"warning: {name}: {sum(e['truncated'] for e in enc)} of {len(enc)} evaluation examples "
@@ -266,9 +302,11 @@ def evaluate(model, tok, evals, args, device, ctx):
                             logits_mask=pick)
             if kind == "choice":                             # restricted to the question's own options
                 for b, it in enumerate(chunk):
-                    ids = data.option_token_ids(tok, it["example"].options)
-                    preds.append(int(out.logits[b, ids].argmax()))
+                    s = out.logits[b, data.option_token_ids(tok, it["example"].options)].float()  # (options,)
+                    preds.append(int(s.argmax()))
                     golds.append(it["example"].label)
+                    rows.append({"index": it["example"].index, "scores": s.tolist(),
+                                 "scores_norm": torch.log_softmax(s, 0).tolist(), "pred": preds[-1], "gold": golds[-1]})
             else:
                 logits = model.score(out.hidden[torch.arange(B), last].float())  # (B,C)
                 multi = isinstance(chunk[0]["example"].label, list)
@@ -276,6 +314,11 @@ def evaluate(model, tok, evals, args, device, ctx):
                     preds.append(set(torch.nonzero(logits[b] > 0).flatten().tolist()) if multi
                                  else int(logits[b].argmax()))
                     golds.append(set(it["example"].label) if multi else it["example"].label)
+                    rows.append({"index": it["example"].index, "scores": logits[b].tolist(),
+                                 "pred": sorted(preds[-1]) if multi else preds[-1],
+                                 "gold": sorted(golds[-1]) if multi else golds[-1]})
+        if predictions and rows:
+            write_predictions(predictions, name, rows)
         if kind == "lm":
             results[name] = {"loss": loss_sum / max(n_tok, 1), "n": len(items)}
             continue
@@ -306,10 +349,14 @@ def format_results(results):
             parts.append(f"{name}: loss {r['loss']:.4f} ppl {math.exp(min(r['loss'], 50)):.2f} (n={r['n']})")
             continue
         s = f"{name}: accuracy {100 * r['accuracy']:.1f}%"
-        s += "".join(f" {k} {100 * r[k]:.1f}" for k in ("f1", "mcc") if k in r)
+        s += "".join(f" {k} {100 * r[k]:.1f}" for k in ("acc_norm", "f1", "mcc") if k in r)
         if "chance" in r:
             s += f" (n={r['n']}; chance {100 * r['chance']:.1f}%, majority {100 * r['majority']:.1f}%)"
         parts.append(s)
+    accs = [r for r in results.values() if "accuracy" in r]
+    if len(accs) > 1:
+        parts.append(f"average: accuracy {100 * sum(r['accuracy'] for r in accs) / len(accs):.1f}%" + (
+            f" acc_norm {100 * sum(r['acc_norm'] for r in accs) / len(accs):.1f}" if all("acc_norm" in r for r in accs) else ""))
     return " | ".join(parts)
 
 
@@ -602,7 +649,7 @@ def encode_training_set(run, train_items):
     args = run.args
     if not train_items:
         raise ValueError("no training examples (check --task / --data / --max-train)")
-    enc = [data.encode(run.tok, e, args.max_len, args.train_on_prompt) for e in train_items]
+    enc = [data.encode(run.tok, e, args.max_len, args.train_on_prompt, fmt=args.train_format) for e in train_items]
     n_cut = sum(e["truncated"] for e in enc)
     empty = [e["example"] for e in enc if e["example"].kind != "cls" and all(l == data.IGNORE for l in e["labels"][1:])]
     if empty:  # nothing to predict: a batch of these would divide a zero loss by zero targets
@@ -690,12 +737,14 @@ def run_eval(run, step):
     never scored."""
     check_adapters(run, step)
     if run.rank == 0 and step == 0 and run.base is not None:
-        results = evaluate(run.base, run.tok, run.evals, run.args, run.device, run.ctx)
+        folder = os.path.join(run.args.out, "predictions", "step0")
+        results = evaluate(run.base, run.tok, run.evals, run.args, run.device, run.ctx, folder)
         run.log(f"eval step 0, base model: {format_results(results)}")
         run.history["eval"].append(results)
     elif run.rank == 0:
         for t in run.adapters:
-            results = evaluate(t.model, run.tok, run.evals, run.args, run.device, run.ctx)
+            folder = os.path.join(t.out, "predictions", f"step{step}")  # one folder per evaluation
+            results = evaluate(t.model, run.tok, run.evals, run.args, run.device, run.ctx, folder)
             run.log(f"eval step {step}{'' if len(run.adapters) == 1 else ' ' + t.name}: {format_results(results)}")
             t.log_file.write(json.dumps({"step": step, "eval": results}) + "\n")
             t.log_file.flush()
@@ -957,12 +1006,13 @@ def main(argv=None):
     keep_freed_memory()  # ~10% faster steps on CPU (see kernels.py)
     set_defaults(args)
     run = setup_processes(args)
-    writes = run.rank == 0 and not args.eval_only  # --eval-only writes nothing into --out
+    writes = run.rank == 0 and not args.eval_only  # --eval-only writes only predictions/ into --out
     with guards.claim(args.out, args.resume, args.overwrite) if writes else nullcontext():  # lock, no reuse
         train_items = load_model_and_data(run)
         add_adapter(run)
         if args.eval_only:  # the one mode that does not train
-            results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx) if run.rank == 0 else {}
+            folder = os.path.join(args.out, "predictions")
+            results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx, folder) if run.rank == 0 else {}
             run.log(format_results(results))
             return {"eval": results}
         enc = encode_training_set(run, train_items)
