@@ -3677,3 +3677,36 @@ def test_cloze_training_run_writes_predictions_per_evaluation(ckpt, tmp_path):
         assert len(rows) == 8 and all("pred_norm" in r for r in rows)
     evals = [json.loads(line)["eval"] for line in open(tmp_path / "o" / "log.jsonl") if '"eval"' in line]
     assert len(evals) == 2 and all("acc_norm" in e["mc.jsonl"] for e in evals)
+
+
+def fake_run(folder, accs, loss=None, wall=60.0, norm=True):
+    """A finished study run: 10 two-option questions per task answered right at the given rate, wall.json, a log."""
+    pred_dir = os.path.join(folder, "predictions", "step2" if loss else "")
+    os.makedirs(pred_dir, exist_ok=True)
+    for task, acc in accs.items():
+        write_jsonl(os.path.join(pred_dir, task + ".jsonl"), [
+            {"index": i, "scores": [0.0, 1.0], "pred": int(i < 10 * acc), "gold": 1, **({"pred_norm": 0} if norm else {})}
+            for i in range(10)])
+    json.dump({"wall_s": wall}, open(os.path.join(folder, "wall.json"), "w"))
+    if loss:
+        write_jsonl(os.path.join(folder, "log.jsonl"), [{"step": s + 1, "loss": v} for s, v in enumerate(loss)])
+
+
+def test_study_report_from_predictions(tmp_path):
+    """The study's table takes mean and sample std over seeds of the accuracies recomputed from predictions.jsonl."""
+    study = pytest.importorskip("study")
+    fake_run(tmp_path / "base" / "cloze", {"arc-e": 0.5, "piqa": 0.3}, None)
+    fake_run(tmp_path / "base" / "labels", {"arc-e": 0.2, "piqa": 0.2}, None, norm=False)
+    for seed, (a, p) in enumerate([(0.6, 0.4), (0.8, 0.6)]):
+        fake_run(tmp_path / f"lora-s{seed}", {"arc-e": a, "piqa": p}, [2.0, 1.0], wall=120.0 * (seed + 1))
+        fake_run(tmp_path / f"lora-s{seed}" / "labels", {"arc-e": 0.1, "piqa": 0.1}, None, norm=False)
+    res = study.collect(argparse.Namespace(out=str(tmp_path)))
+    assert res["lora"]["cloze"] == {"arc-e": [0.6, 0.8], "piqa": [0.4, 0.6]} and res["lora"]["cloze_norm"]["piqa"] == [0.0, 0.0]
+    assert res["base"]["labels"]["arc-e"] == [0.2] and res["lora"]["loss"] == [[(1, 2.0), (2, 1.0)]] * 2
+    md = study.table(res, {"base": 0, "lora": 4.9e6})
+    # sample std of (0.6, 0.8), of (0.4, 0.6) and of the per-seed averages (0.5, 0.7): sqrt(2) * 0.1 = 14.1%
+    assert "| lora | 4.90M | 2 | 3.0 ± 1.4 | 70.0 ± 14.1 | 50.0 ± 14.1 | 60.0 ± 14.1 |" in md      # wall 2 and 4 min
+    assert "| chance / majority | | | | 50.0 / 100.0 | 50.0 / 100.0 | |" in md and "| base | 0.00M | 1 |" in md
+    pytest.importorskip("matplotlib")
+    study.plot(res, str(tmp_path / "study.png"))
+    assert os.path.getsize(tmp_path / "study.png") > 10000
