@@ -3700,7 +3700,7 @@ def test_study_report_from_predictions(tmp_path):
     for seed, (a, p) in enumerate([(0.6, 0.4), (0.8, 0.6)]):
         fake_run(tmp_path / f"lora-s{seed}", {"arc-e": a, "piqa": p}, [2.0, 1.0], wall=120.0 * (seed + 1))
         fake_run(tmp_path / f"lora-s{seed}" / "labels", {"arc-e": 0.1, "piqa": 0.1}, None, norm=False)
-    res = study.collect(argparse.Namespace(out=str(tmp_path)))
+    res = study.collect(study.parser.parse_args(["--out", str(tmp_path)]))
     assert res["lora"]["cloze"] == {"arc-e": [0.6, 0.8], "piqa": [0.4, 0.6]} and res["lora"]["cloze_norm"]["piqa"] == [0.0, 0.0]
     assert res["base"]["labels"]["arc-e"] == [0.2] and res["lora"]["loss"] == [[(1, 2.0), (2, 1.0)]] * 2
     md = study.table(res, {"base": 0, "lora": 4.9e6})
