@@ -20,7 +20,8 @@ Tokenisation is the harness's (lm_eval/api/model.py, _encode_pair): trailing spa
 to the continuation, context_ids = encode(context), continuation_ids = encode(context + continuation)
 with the first len(context_ids) ids cut off, and the model reads context_ids + continuation_ids. Where
 the joint tokenisation merges tokens across the boundary this is not encode(context + continuation);
-the harness accepts that and so do we. Sequences longer than the model's window lose tokens on the left.
+the harness accepts that and so do we. Sequences longer than max_len (train.py's --max-len; the
+harness's is the model's window) lose tokens on the left, as in the harness.
 
 The options of one question share their context, so the fast path (`score_questions`) runs the longest
 common prefix of a question's options once, caches its keys and values, and runs only each option's
