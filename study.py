@@ -54,7 +54,7 @@ parser = argparse.ArgumentParser(description="Base vs LoRA vs DoRA vs MixLoRA on
 arg = parser.add_argument
 arg("--model", help="checkpoint folder (as train.py --model)")
 arg("--out", default="runs/study", help="study folder: one sub-folder per run, results.json, table.md, study.png")
-arg("--task-root", default=data.TASK_ROOT, help="folder with <task>/{train,test}.jsonl")
+arg("--task-root", help="folder with <task>/{train,test}.jsonl (default: train.py's)")
 arg("--methods", default="base,lora,dora,mixlora,lora-match", help="comma-separated subset of the methods")
 arg("--seeds", default="0,1,2", help="comma-separated training seeds")
 arg("--max-train", type=int, default=64, help="training questions per task (8 tasks at once)")
@@ -105,8 +105,8 @@ def methods(model_path):
 def plan(a):
     """[(run folder, command)] in the order they run: the base model first, then method by seed."""
     py = [sys.executable, os.path.join(HERE, "train.py"), "--model", a.model, "--task", ",".join(TASKS),
-          "--task-root", a.task_root, "--max-eval", str(a.max_eval), "--max-len", str(a.max_len),
-          "--threads", str(a.threads)] + a.extra.split()
+          "--max-eval", str(a.max_eval), "--max-len", str(a.max_len),
+          "--threads", str(a.threads)] + (["--task-root", a.task_root] if a.task_root else []) + a.extra.split()
     wanted = a.methods.split(",")
     runs = []
     if "base" in wanted:
