@@ -57,7 +57,7 @@ arg("--out", default="runs/study", help="study folder: one sub-folder per run, r
 arg("--task-root", help="folder with <task>/{train,test}.jsonl (default: train.py's)")
 arg("--methods", default="base,lora,dora,mixlora,lora-match", help="comma-separated subset of the methods")
 arg("--seeds", default="0,1,2", help="comma-separated training seeds")
-arg("--max-train", type=int, default=64, help="training questions per task (8 tasks at once)")
+arg("--max-train", type=int, default=32, help="training questions per task (8 tasks at once)")
 arg("--max-eval", type=int, default=200, help="test questions per task, the same for every run")
 arg("--max-len", type=int, default=256, help="tokens per sequence in training and evaluation")
 arg("--epochs", type=float, default=1, help="passes over the training questions")
