@@ -28,6 +28,14 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
     train-lora-answer16   the LoRA step with targets only at the last 16 tokens of each row, so the LM head
                           runs on 64 positions instead of 1024 (llama's logits_mask); "x" = speed-up.
     eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
+    multi-together/-sequential/-parallel  (with --multi or --only multi) K = 3 adapters (LoRA, DoRA, MixLoRA) trained by
+                          train.py on 64 short sentences (MULTI_STEPS steps of 8, fresh processes, model
+                          loading and a final evaluation of 8 included): in one process
+                          (`--adapter lora,dora,mixlora`, multi.py), three processes one after another, and
+                          three processes at once (the cores shared among them). ms = wall time; tok/s =
+                          the three adapters' training tokens (padding excluded) / wall time; peak MB = the
+                          processes' peak resident memory (ru_maxrss): the largest one after another, the
+                          sum of the three at once. Not interleaved: these rows run after the others.
 The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the row's warm-up
 call, above what was in use when it started (model weights excluded; on the CPU freed memory is handed
 back to the OS first, so a row is not credited with memory that earlier rows freed).
@@ -57,6 +65,7 @@ B, T = 4, 256                 # training / forward batch
 PROMPT, NEW = 64, 64          # generation: prompt length, new tokens
 ANSWER = 16                   # answer-only targets: the last 16 tokens of each row
 ADAPTERS = ("lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch", "loramoe", "mola")
+MULTI, MULTI_STEPS, MULTI_BATCH = ("lora", "dora", "mixlora"), 8, 8   # the multi-* rows (train.py processes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,6 +258,21 @@ class Bench:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
+    def multi(self):
+        """The multi-* rows: three adapters trained together, one after another, and three processes at once."""
+        import tempfile
+        cores = torch.get_num_threads()
+        runs = {}
+        with tempfile.TemporaryDirectory() as out:
+            tokens = len(MULTI) * multi_tokens(self.args.model, multi_data(os.path.join(out, "data.jsonl")))
+            runs["multi-together"] = train_processes(self.args.model, [",".join(MULTI)], cores, self.args.device, out)
+            walls, peaks = zip(*(train_processes(self.args.model, [a], cores, self.args.device, out) for a in MULTI))
+            runs["multi-sequential"] = (sum(walls), [max(p[0] for p in peaks)])
+            runs["multi-parallel"] = train_processes(self.args.model, list(MULTI), max(1, cores // len(MULTI)),
+                                                          self.args.device, out)
+        return {name: {"tok_s": tokens / wall, "ms": 1e3 * wall, "peak_mb": sum(peaks)}
+                for name, (wall, peaks) in runs.items()}
+
     def rows(self):
         """(name, prepare) for the interleaved rows, in table order."""
         rows = [("forward", self.prepare_forward), ("generate-cached", lambda: self.prepare_generate(True)),
@@ -304,9 +328,52 @@ class Bench:
                     res[f"load-{d}"] = self.load(d)
                 except subprocess.CalledProcessError as e:
                     res[f"load-{d}"] = {"skipped": f"load subprocess failed: {e.stderr.strip().splitlines()[-1:]}"}
-        order = [n for n, _ in self.rows()]
+        if self.args.multi or any(p.startswith("multi") for p in only):
+            res.update(self.multi())
+        order = [n for n, _ in self.rows()] + ["multi-together", "multi-sequential", "multi-parallel"]
         order[3:3] = ["load-float32", "load-bfloat16"]                    # after generation, as before
         return {n: res[n] for n in order if n in res}
+
+
+def multi_data(path):
+    """The multi-* rows' training file: 64 short sentences (the text format: every token is a target)."""
+    words = "cat dog bird fish red blue green big small old new sat ran saw ate".split()
+    with open(path, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"text": " ".join(words[(i * k + k) % len(words)] for k in range(1, 9 + i % 8))}) + "\n")
+    return path
+
+
+def train_processes(model, adapters, threads, device, out):
+    """Start one train.py process per entry of `adapters` (all at once); wait for them; returns
+    (wall seconds, [peak resident MB of each])."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs, peaks = [], []
+    t0 = time.perf_counter()
+    for i, a in enumerate(adapters):
+        d = os.path.join(out, "data.jsonl")
+        cmd = [sys.executable, os.path.join(here, "train.py"), "--model", model, "--data", d, "--eval-data", d,
+               "--adapter", a, "--steps",
+               str(MULTI_STEPS), "--batch-size", str(MULTI_BATCH), "--max-eval", "8", "--no-eval-before",
+               "--log-every", str(MULTI_STEPS), "--threads", str(threads), "--device", device, "--dtype", "float32",
+               "--out", os.path.join(out, f"p{i}")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, status, usage = os.wait4(p.pid, 0)                             # ru_maxrss: KB on Linux
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise ValueError(f"train.py --adapter failed: {p.stderr.read().strip().splitlines()[-1:]}")
+        p.returncode = 0
+        peaks.append(usage.ru_maxrss / 1024)
+    return time.perf_counter() - t0, peaks
+
+
+def multi_tokens(model, path):
+    """Training tokens (padding excluded) of one adapter in the multi-* rows: the examples of each step as
+    data.step_indices draws them (seed 42, train.py's default) from the file in order (--eval-data given)."""
+    import data
+    tok = llama.load_tokenizer(model)
+    enc = [data.encode(tok, e, 512) for e in data.load_data(path, tok)]
+    return sum(len(enc[j]["ids"]) for s in range(MULTI_STEPS) for j in data.step_indices(len(enc), s, MULTI_BATCH, 42))
 
 
 def load_child(path, dtype):
@@ -345,6 +412,9 @@ def add_notes(res):
             parts.append(f"/LoRA {r['ms'] / lora['ms']:.2f}")
         if name == "train-lora-answer16" and lora and "ms" in lora:
             parts = [f"{lora['ms'] / r['ms']:.2f}x faster than full logits"]
+        if name.startswith("multi") and "multi-together" in res and name != "multi-together":
+            t = res["multi-together"]
+            parts.append(f"together: {t['ms'] / r['ms']:.2f}x the time, {t['peak_mb'] / r['peak_mb']:.2f}x the memory")
         if name.startswith("eval") and fwd and "ms" in fwd:
             parts.append(f"{r['ms'] / fwd['ms']:.2f}x base forward time")
         r["note"] = ", ".join(parts)
@@ -381,6 +451,8 @@ def main(argv=None):
                     help="CPU fp32 matmul library behind kernels.linear (mkl = torch's default F.linear)")
     ap.add_argument("--no-keep-freed-memory", action="store_true",
                     help="leave glibc's malloc as it is (the tools call kernels.keep_freed_memory by default)")
+    ap.add_argument("--multi", action="store_true",
+                    help="also run the multi-* rows: 3 adapters trained together vs in turn vs at once (7 train.py runs)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)
