@@ -43,8 +43,9 @@ K-adapter model, in which only that adapter exists. Its save_adapter, evaluation
 state_dict are the single-adapter code's, unchanged.
 
 Checked in test_all.py (multi-adapter tests): K adapters trained together give each the losses and final
-weights of training it alone (LoRA, DoRA, MixLoRA, with dropout), also across --resume; the K-row forward
-equals each adapter's own model slice by slice; bad specifications are one-line errors.
+weights of training it alone (LoRA, DoRA, MixLoRA, with dropout), also across --resume, and with 2 processes
+the losses of 1; the K-row forward equals each adapter's own model slice by slice; bad specifications are
+one-line errors.
 Shape legend: B batch (one adapter's rows), K adapters, T time, D hidden, N tokens.
 """
 
