@@ -265,11 +265,13 @@ class Bench:
         runs = {}
         with tempfile.TemporaryDirectory() as out:
             tokens = len(MULTI) * multi_tokens(self.args.model, multi_data(os.path.join(out, "data.jsonl")))
-            runs["multi-together"] = train_processes(self.args.model, [",".join(MULTI)], cores, self.args.device, out)
-            walls, peaks = zip(*(train_processes(self.args.model, [a], cores, self.args.device, out) for a in MULTI))
+            runs["multi-together"] = train_processes(self.args.model, [",".join(MULTI)], cores, self.args.device,
+                                                     os.path.join(out, "together"))
+            walls, peaks = zip(*(train_processes(self.args.model, [a], cores, self.args.device, os.path.join(out, a))
+                                 for a in MULTI))
             runs["multi-sequential"] = (sum(walls), [max(p[0] for p in peaks)])
             runs["multi-parallel"] = train_processes(self.args.model, list(MULTI), max(1, cores // len(MULTI)),
-                                                          self.args.device, out)
+                                                     self.args.device, os.path.join(out, "parallel"))
         return {name: {"tok_s": tokens / wall, "ms": 1e3 * wall, "peak_mb": sum(peaks)}
                 for name, (wall, peaks) in runs.items()}
 
@@ -345,18 +347,18 @@ def multi_data(path):
 
 
 def train_processes(model, adapters, threads, device, out):
-    """Start one train.py process per entry of `adapters` (all at once); wait for them; returns
+    """Start one train.py process per entry of `adapters` (all at once, writing to out/p0, out/p1, ...; the
+    data file beside `out`); wait for them; returns
     (wall seconds, [peak resident MB of each])."""
     here = os.path.dirname(os.path.abspath(__file__))
     procs, peaks = [], []
     t0 = time.perf_counter()
+    d = os.path.join(os.path.dirname(out), "data.jsonl")
     for i, a in enumerate(adapters):
-        d = os.path.join(out, "data.jsonl")
         cmd = [sys.executable, os.path.join(here, "train.py"), "--model", model, "--data", d, "--eval-data", d,
-               "--adapter", a, "--steps",
-               str(MULTI_STEPS), "--batch-size", str(MULTI_BATCH), "--max-eval", "8", "--no-eval-before",
-               "--log-every", str(MULTI_STEPS), "--threads", str(threads), "--device", device, "--dtype", "float32",
-               "--out", os.path.join(out, f"p{i}")]
+               "--adapter", a, "--steps", str(MULTI_STEPS), "--batch-size", str(MULTI_BATCH), "--max-eval", "8",
+               "--no-eval-before", "--log-every", str(MULTI_STEPS), "--threads", str(threads), "--device", device,
+               "--dtype", "float32", "--out", os.path.join(out, f"p{i}")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, status, usage = os.wait4(p.pid, 0)                             # ru_maxrss: KB on Linux
