@@ -13,7 +13,7 @@ References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, its rope 
 Checked against: the logits, NLL and greedy tokens of transformers' LlamaForCausalLM on
 SmolLM2-135M-Instruct (golden/smollm2-135m-instruct.json, logits to 1e-3 in fp32), see test_golden_parity in test_all.py.
 
-Run:  python llama.py [--model PATH] --prompt "The capital of France is" [--chat] [--max-new-tokens 40]
+Run:  python llama.py [--model PATH] --prompt "The capital of France is" [--chat] [--adapter DIR] [--max-new-tokens 40]
 
 Shape legend: B batch, T time (new tokens), S keys (past + new), D hidden, H query heads, KV key/value
 heads, hd head dim, I FFN width, V vocab, M selected positions.
@@ -588,32 +588,61 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help states each default once: appended as "(default: X)" unless the help text already says
+    "default" or there is nothing to state (None, False: an unset flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate text with a Llama-family checkpoint folder.")
+    ap = argparse.ArgumentParser(description="Generate text with a Llama-family checkpoint folder, with or "
+                                 "without a trained adapter.", formatter_class=HelpFormatter)
     ap.add_argument("--model", help="checkpoint folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct, fetched "
                     "once, see checkpoints.py)")
-    ap.add_argument("--prompt", default="The capital of France is", help="text to continue")
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the checkpoint's chat template")
+    ap.add_argument("--adapter", metavar="DIR", help="adapter folder to apply: PEFT LoRA/DoRA, MixLoRA (ours or the "
+                    "reference's), e.g. a train.py run's best/ or last/")
+    ap.add_argument("--prompt", default="The capital of France is", help="text to continue (with --chat: the user message)")
+    ap.add_argument("--chat", action="store_true", help="send the prompt as a user message through the checkpoint's "
+                    "chat template and print only the reply")
+    ap.add_argument("--show-template", action="store_true", help="with --chat: print the rendered template (system "
+                    "prompt, role markers) before the reply")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="number of tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
     ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = ap.parse_args(argv)
     keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         torch.manual_seed(args.seed)
         args.model = checkpoints.resolve_model(args.model)
         model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        if args.adapter:
+            # The demo sits on top of the project like train.py: the model itself knows nothing of adapters.
+            import moe_lora
+            moe_lora.load_adapter(model, args.adapter)
+            model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
         tok = load_tokenizer(args.model)
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         ids = torch.tensor([tok.encode(text, add_bos=None if not args.chat else False)], device=args.device)
         out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id=tok.eos_id)
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
-    print(text + tok.decode(out[0].tolist()))
+    reply = tok.decode(out[0].tolist())
+    if args.chat and args.show_template:
+        print(text, end="")
+    print(reply if args.chat else text + reply)
 
 
 if __name__ == "__main__":

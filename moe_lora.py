@@ -96,6 +96,7 @@ class MixLoRAConfig(RouterConfig):
     quality_gate: bool = False
     quality_gate_init_mean: float = 0.0
     quality_gate_init_std: float = 0.02
+    quality_gate_init_bias: float | None = None  # None: no bias, as the reference (see add_quality_gate)
     trash_expert_mode: str = "zero"
     quality_loss_type: str = "sigmoid"
     # NOTE: the reference's config class says 0.5 and False; its stage-1 yaml (the values in effect) 1 and True.
@@ -275,17 +276,26 @@ class MixLoRAFFN(nn.Module):
         self.num_experts, self.act, self.fast_path = cfg.num_experts, ACTIVATIONS[cfg.act_fn], fast_path
         self.quality_gate, self.trash_mode = None, cfg.trash_expert_mode
         if cfg.quality_gate:
-            self.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std)
+            self.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std, cfg.quality_gate_init_bias)
             if self.trash_mode == "custom" and not callable(trash_expert):
                 raise ValueError("trash_expert_mode='custom' needs a trash_expert module or function")
             self.trash_expert = trash_expert if self.trash_mode == "custom" else None
 
-    def add_quality_gate(self, init_mean, init_std):
+    def add_quality_gate(self, init_mean, init_std, init_bias=None):
         """The Select-MoE quality gate s_q = w_q u (select_moe.md sec. 1.2): Linear D -> 1, no bias, fp32,
-        init N(init_mean, init_std^2). Built here for a new adapter and by selection.add_quality_gates."""
+        init N(init_mean, init_std^2). Built here for a new adapter and by selection.add_quality_gates.
+
+        NOTE: with the reference's bias-free gate s = w_q u is spread around 0 at init, so g = sigmoid(s)
+        is about 0.5 and, with the zero trash expert, every FFN output is roughly halved: the model starts
+        far from the adapter the gates were added to (select_moe.md sec. 1.3, "not function-preserving";
+        SmolLM2-135M: warm-up loss 5.6 against the adapter's 2.05) and the warm-up first reopens the gates.
+        init_bias = b adds a bias initialised to b: g starts near sigmoid(b) (b = 6: 0.998), so the model
+        starts as the adapter it was built on."""
         D, dev = self.gate_proj.weight.shape[1], self.gate_proj.weight.device
-        self.quality_gate = nn.Linear(D, 1, bias=False, device=dev)         # (1, D) fp32
+        self.quality_gate = nn.Linear(D, 1, bias=init_bias is not None, device=dev)  # (1, D) [+ (1,)] fp32
         nn.init.normal_(self.quality_gate.weight, init_mean, init_std)
+        if init_bias is not None:
+            nn.init.constant_(self.quality_gate.bias, init_bias)
 
     def trash(self, u):
         """y_trash (B, T, D) for the (1 - g) branch (select_moe.md sec. 2)."""

@@ -199,10 +199,11 @@ def ffn_layers(model):
     return [m for m in model.modules() if hasattr(m, "moe_gate")]
 
 
-def add_quality_gates(model, trash_mode="zero"):
+def add_quality_gates(model, trash_mode="zero", init_bias=None):
     """Give every MixLoRA FFN that lacks one a quality gate (MixLoRAFFN.add_quality_gate, init from the
-    adapter config's quality_gate_init_mean/std) and set the trash mode of all of them; record the
-    settings in model.adapter_config so that save_adapter/load_adapter keep the gates."""
+    adapter config's quality_gate_init_mean/std; init_bias: a gate bias so that the model starts as the
+    loaded adapter, see there) and set the trash mode of all of them; record the settings in
+    model.adapter_config so that save_adapter/load_adapter keep the gates."""
     layers = ffn_layers(model)
     if not layers:
         raise ValueError("a quality gate needs MoE layers: load or create a MixLoRA adapter first")
@@ -211,9 +212,10 @@ def add_quality_gates(model, trash_mode="zero"):
     cfg = model.adapter_config
     for m in layers:
         if m.quality_gate is None:
-            m.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std)
+            m.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std, init_bias)
         m.trash_mode = trash_mode
     cfg.quality_gate, cfg.trash_expert_mode = True, trash_mode
+    cfg.quality_gate_init_bias = init_bias
     return model
 
 

@@ -463,6 +463,34 @@ def test_cli_generates(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("the cat") and len(r.stdout.split()) > 2
 
 
+def test_cli_adapter_generates_as_the_api(tmp_path, capsys):
+    """llama.py --adapter applies the adapter: its greedy words differ from the base's and equal the Python
+    API's, run from another folder; --chat prints only the reply, --show-template the template before it."""
+    write_tiny_checkpoint(tmp_path / "ck")
+    lora_model = write_tiny_checkpoint(tmp_path / "ck2", seed=1)
+    inject_lora(lora_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in lora_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1.0)   # B = 0 would be a no-op
+    save_adapter(lora_model, str(tmp_path / "ad"))
+    tok = llama.load_tokenizer(str(tmp_path / "ck"))
+    api = load_adapter(llama.from_pretrained(str(tmp_path / "ck")), str(tmp_path / "ad")).eval()
+    want = "the cat" + tok.decode(llama.generate(api, torch.tensor([tok.encode("the cat")]), 6, eos_id=tok.eos_id)[0].tolist())
+    argv = ["--model", str(tmp_path / "ck"), "--prompt", "the cat", "--max-new-tokens", "6"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), *argv, "--threads", "1", "--adapter", str(tmp_path / "ad")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.rstrip("\n") == want, r.stderr
+
+    def cli(*extra):
+        llama.main(argv + list(extra))
+        return capsys.readouterr().out.rstrip("\n")
+    base = cli()
+    assert base != want and base.startswith("the cat")
+    reply = cli("--chat", "--adapter", str(tmp_path / "ad"))
+    shown = cli("--chat", "--show-template", "--adapter", str(tmp_path / "ad"))
+    assert "user" not in reply and shown.startswith("user the cat") and shown.endswith(reply)
+
+
 # ----------------------------------------------------------------------------------------------------
 # routers.py and losses.py: hand-worked routing and loss values
 
@@ -2378,6 +2406,26 @@ def test_resume_equivalence(ckpt, tmp_path, monkeypatch, signal_name):
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5] and "load" in lines[0]
 
 
+def test_plot_writes_pictures(ckpt, tmp_path):
+    """plot.py draws loss, lr and per-layer x per-expert load PNGs from a tiny MixLoRA run's log.jsonl; the
+    load snapshots are (L, E) shares x E, each row summing to E; a LoRA run gets no load picture."""
+    pytest.importorskip("matplotlib")
+    import plot
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    run(ckpt, tmp_path / "mix", "--data", d, "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--log-every", "1")
+    files = plot.main([str(tmp_path / "mix")])
+    assert [os.path.basename(f) for f in files] == ["loss.png", "lr.png", "load.png"]
+    for f in files:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(f) > 1000
+    train_rows, evals = plot.read_log(str(tmp_path / "mix" / "log.jsonl"))
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
+    snaps = plot.load_snapshots(train_rows)
+    assert [(a, b) for a, b, _ in snaps] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    torch.testing.assert_close(torch.tensor(snaps[0][2]).sum(1), torch.full((2,), 4.0, dtype=torch.float64))
+    run(ckpt, tmp_path / "lora", "--data", d, "--steps", "2", "--adapter", "lora", "--log-every", "1")
+    assert [os.path.basename(f) for f in plot.main([str(tmp_path / "lora")])] == ["loss.png", "lr.png"]
+
+
 def _ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -2961,6 +3009,31 @@ def test_warmup_gates_train_alone_and_survive_save_load(tmp_path):
     for a, b in zip(selection.ffn_layers(model), selection.ffn_layers(fresh)):
         torch.testing.assert_close(a.quality_gate.weight, b.quality_gate.weight)
         assert b.trash_mode == "noise"
+
+
+def test_gate_bias_init_starts_as_the_loaded_adapter(tmp_path):
+    """Gates without bias (the reference) halve each FFN output at init (g = 0.5, zero trash); a gate bias
+    of 8 starts the model within 1e-3 (relative) of the adapter it was added to, and the bias saves/loads."""
+    model = tiny_model(gate=False).eval()
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.adapter_config.quality_gate_init_std = 0.0
+        selection.add_quality_gates(model)                               # s = 0: g = 0.5 exactly
+        half = model(ids).logits
+    for m in selection.ffn_layers(model):
+        m.quality_gate = None
+    with torch.no_grad():
+        selection.add_quality_gates(model, init_bias=8.0)
+        kept = model(ids).logits
+    assert (half - want).abs().max() > 0.1 * want.abs().max()
+    torch.testing.assert_close(kept, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    save_adapter(model, str(tmp_path / "a"))
+    torch.manual_seed(0)                                               # the same base as tiny_model's
+    fresh = load_adapter(llama.LlamaForCausalLM(model.config), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(selection.ffn_layers(fresh)[0].quality_gate.bias, torch.tensor([8.0]))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, kept)
 
 
 def test_make_corrupted_mix_shuffles_outputs():
