@@ -440,7 +440,8 @@ def print_table(res, header):
 # CLI
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark the Llama, generation, loading and the adapters side by side.")
+    ap = argparse.ArgumentParser(description="Benchmark the Llama, generation, loading and the adapters side by side.",
+                                 formatter_class=llama.HelpFormatter)
     ap.add_argument("--model", help="checkpoint folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct, "
                     "fetched once, see checkpoints.py)")
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes, e.g. forward,train-mixlora,load")

@@ -589,13 +589,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """--help states each default once: appended as "(default: X)" unless the help text already says
-    "default" or there is nothing to state (None, False: an unset flag)."""
+    """--help states each default once: appended as "(default: X)" unless the help text states it
+    already ("(default ...", "default: ...") or there is nothing to state (None, False: an unset flag)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "default" in text or unset or not action.option_strings:
+        if "(default" in text or "default:" in text or unset or not action.option_strings:
             return text
         return f"{text} (default: {action.default})"
 
