@@ -597,7 +597,7 @@ class HelpFormatter(argparse.HelpFormatter):
         unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         if "(default" in text or "default:" in text or unset or not action.option_strings:
             return text
-        return f"{text} (default: {action.default})"
+        return text + " (default: %(default)s)"
 
 
 def main(argv=None):

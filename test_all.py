@@ -38,6 +38,7 @@ import kernels
 import llama
 import lora
 import losses
+import memory
 import multi
 import routers
 import selection
@@ -2356,7 +2357,8 @@ def record_grads(monkeypatch):
 def test_accumulation_equivalence(ckpt, tmp_path, monkeypatch):
     """One batch of 8 and 4 micro-batches of 2 give the same losses and the same gradients."""
     d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
-    common = ["--data", d, "--steps", "2", "--batch-size", "8", "--lora-dropout", "0", "--router-aux-loss-coef", "0"]
+    common = ["--data", d, "--eval-data", d, "--steps", "2", "--batch-size", "8", "--lora-dropout", "0",
+              "--router-aux-loss-coef", "0"]
     grads = record_grads(monkeypatch)
     h1 = run(ckpt, tmp_path / "a", *common, "--micro-batch-size", "8")
     h2 = run(ckpt, tmp_path / "b", *common, "--micro-batch-size", "2")
@@ -2380,6 +2382,49 @@ def run_interrupted(monkeypatch, at, ckpt, out, *extra):
     with pytest.raises(SystemExit):
         run(ckpt, out, *extra)
     monkeypatch.setattr(data, "step_indices", real)
+def test_micro_batch_from_budget(ckpt, tmp_path, monkeypatch, capsys):
+    """The micro-batch is the largest divisor of the batch whose estimated memory fits the budget: under one
+    example the run is refused before it starts; 3.5 examples' worth splits 8 into 4 micro-batches of 2, with
+    the losses of --micro-batch-size 2."""
+    assert memory.choose_micro_batch(8, 100, 10.0, 0, 3000) == 2 and memory.choose_micro_batch(8, 100, 10.0, 0, 8000) == 8
+    assert memory.choose_micro_batch(6, 100, 10.0, 500, 3600) == 3          # divisors of 6 only: not 4
+    with pytest.raises(ValueError, match="one training example of 100 tokens"):
+        memory.choose_micro_batch(8, 100, 10.0, 500, 1400)
+    monkeypatch.setattr(memory, "bytes_per_token", lambda *a, **k: 1000.0)  # a round figure for the budget
+    monkeypatch.setattr(memory, "fixed_bytes", lambda *a: 0)
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    tok = llama.load_tokenizer(ckpt)
+    T = max(len(data.encode(tok, e, 512)["ids"]) for e in data.load_data(d, tok))   # the longest example
+    common = ["--data", d, "--eval-data", d, "--steps", "2", "--batch-size", "8", "--lora-dropout", "0"]
+    with pytest.raises(ValueError, match=f"one training example of {T} tokens"):
+        run(ckpt, tmp_path / "x", *common, "--memory-budget", str(0.9 * T * 1000 / 1e9))
+    assert not os.path.exists(tmp_path / "x" / "log.jsonl")                   # refused before starting
+    capsys.readouterr()
+    auto = run(ckpt, tmp_path / "a", *common, "--memory-budget", str(3.5 * T * 1000 / 1e9))
+    assert "micro-batch 2 of 8 examples" in capsys.readouterr().out
+    explicit = run(ckpt, tmp_path / "b", *common, "--micro-batch-size", "2")
+    assert auto["loss"] == explicit["loss"]
+
+
+def test_adapter_path_continues_training(ckpt, tmp_path):
+    """--adapter-path when training starts from that adapter (its step-0 evaluation is --eval-only's of it,
+    not a fresh adapter's) and keeps its kind and rank; a flag contradicting its files is refused."""
+    d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+    run(ckpt, tmp_path / "a", "--data", d, "--steps", "3", "--adapter", "lora", "--r", "2", "--lr", "1e-2")
+    ad = str(tmp_path / "a" / "last")
+    only = run(ckpt, tmp_path / "e", "--data", d, "--eval-only", "--adapter-path", ad)["eval"]
+    cont = run(ckpt, tmp_path / "b", "--data", d, "--steps", "1", "--adapter-path", ad, "--r", "2", "--eval-before")
+    fresh = run(ckpt, tmp_path / "c", "--data", d, "--steps", "1", "--adapter", "lora", "--eval-before")
+    assert cont["eval"][0] == only and fresh["eval"][0] != only
+    cfg = json.load(open(tmp_path / "b" / "last" / "adapter_config.json"))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and not cfg.get("use_dora")
+    moved = saved_adapter_tensors(tmp_path / "b" / "last")
+    start = saved_adapter_tensors(ad)
+    assert moved.keys() == start.keys() and any(not torch.equal(moved[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="--adapter dora conflicts with --adapter-path"):
+        run(ckpt, tmp_path / "f", "--data", d, "--steps", "1", "--adapter-path", ad, "--adapter", "dora")
+    with pytest.raises(ValueError, match="--r 4 conflicts with --adapter-path .* r = 2"):
+        run(ckpt, tmp_path / "f", "--data", d, "--steps", "1", "--adapter-path", ad)   # run() passes --r 4
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])

