@@ -516,7 +516,7 @@ def run_selection(args, model=None, tok=None, device="cpu", ctx=None, log=print)
 parser = argparse.ArgumentParser(description="Select-MoE stages 2 and 2b: score the records of a data file by "
                                  "the quality gates of a warmed-up MixLoRA adapter (train.py --warmup), select a "
                                  "subset; and the end-to-end check's data and its ROC AUC.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=llama.HelpFormatter)
 arg = parser.add_argument
 # stage 2: scoring
 arg("--model", help="checkpoint folder, .gguf file or Hub id (checkpoints.py); with --score: score --data with it")
