@@ -540,7 +540,7 @@ def load_model_and_data(run):
     for name, items in run.evals.items():
         if len(items) < SMALL_EVAL:
             run.log(f"warning: {name}: only {len(items)} evaluation examples, so its figures are noisy "
-                    f"(one example moves accuracy by {100 / len(items):.0f} points); use --eval-data, a larger "
+                    f"(each example is {100 / len(items):.0f}% of them); use --eval-data, a larger "
                     "--val-fraction or --max-eval")
     if run.kind == "cls" and not args.num_labels:
         labels = [x.label for v in [train_items] + list(run.evals.values()) for x in v]
