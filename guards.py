@@ -43,7 +43,7 @@ STATE_KEYS = ("trainable", "optimizer", "step", "best", "rng", "args")
 # not what it computes. A different --micro-batch-size, --gradient-checkpointing or --device gives the same
 # updates up to float rounding (the accumulation and checkpointing tests); every other flag is compared.
 MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "eval_before", "eval_batch_size", "log_every", "save_every",
-              "save_minutes", "threads", "device", "micro_batch_size", "gradient_checkpointing")
+              "save_minutes", "threads", "device", "micro_batch_size", "memory_budget", "gradient_checkpointing")
 
 
 # ----------------------------------------------------------------------------------------------------
