@@ -1,10 +1,17 @@
 """Speed and memory benchmark: the base model, generation, loading and the adapters, side by side.
 
-One command, every method in one run. Every row is prepared first, then the rows are timed in turns
-(one call of each per round, a warm-up round, then `--repeats` rounds) and each figure is the median:
+One command, every method in one run, each row both plain and accelerated (kernels.accelerate) side by
+side. Every row is prepared first, then the rows are timed in turns (one call of each row in each
+variant per round, a warm-up round, then `--repeats` rounds) and each figure is the median:
 
     python bench.py [--model PATH] [--only ROWS] [--repeats 3] [--device cpu|cuda] [--dtype float32]
-                    [--linear onednn|mkl] [--no-keep-freed-memory] [--json FILE]
+                    [--variants plain,accelerated] [--no-keep-freed-memory] [--json FILE]
+
+Variants: `plain` (the modules as llama.py / lora.py / moe_lora.py build them), `accelerated`
+(kernels.accelerate(model) as the tools call it), and for A/B checks `accelerated-lora`,
+`accelerated-dropout`, `accelerated-linear` (one measure left out) and `accelerated+onednn` (the oneDNN
+linear in every regime instead of the measured choice). The process setting keep_freed_memory cannot
+be switched per call; it applies to the whole run (off: --no-keep-freed-memory).
 
 How to read the table. First the machine's measured matmul peak (a 2048^3 matmul in the compute dtype,
 GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fraction of that peak.
@@ -27,6 +34,8 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
                           train-<method> minus train-frozen is what the adapter itself costs.
     train-lora-answer16   the LoRA step with targets only at the last 16 tokens of each row, so the LM head
                           runs on 64 positions instead of 1024 (llama's logits_mask); "x" = speed-up.
+    train-lora-bf16       the LoRA step under torch.autocast(bfloat16) (fp32 weights and adapters, bf16
+                          products: AVX-512-BF16 / AMX on CPUs that have them).
     eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
     multi-together/-sequential/-parallel  (with --multi or --only multi) K = 3 adapters (LoRA, DoRA, MixLoRA) trained by
                           train.py on 64 short sentences (MULTI_STEPS steps of 8, fresh processes, model
@@ -36,7 +45,8 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
                           the three adapters' training tokens (padding excluded) / wall time; peak MB = the
                           processes' peak resident memory (ru_maxrss): the largest one after another, the
                           sum of the three at once. Not interleaved: these rows run after the others.
-The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the row's warm-up
+Columns: the median ms of each variant, "x" = first variant's time / last one's, then tok/s, GFLOP/s,
+%peak, peak MB and the notes of the last variant. The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the row's warm-up
 call, above what was in use when it started (model weights excluded; on the CPU freed memory is handed
 back to the OS first, so a row is not credited with memory that earlier rows freed).
 
@@ -55,6 +65,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import checkpoints
 import kernels
@@ -136,10 +147,10 @@ class PeakMemory:
 
 
 def matmul_peak(device, dtype, repeats, n=2048):
-    """Measured matmul throughput in GFLOP/s: 2 n^3 / median time of an (n,n) x (n,n) product, through
-    kernels.linear (the path the model's layers take: oneDNN or MKL on CPU, see --linear)."""
+    """Measured matmul throughput in GFLOP/s: 2 n^3 / median time of an (n,n) x (n,n) F.linear product
+    (torch's default library: MKL on CPU)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / statistics.median(timed(lambda: kernels.linear(a, b), max(repeats, 5), device)) / 1e9
+    return 2 * n**3 / statistics.median(timed(lambda: F.linear(a, b), max(repeats, 5), device)) / 1e9
 
 
 def forward_flops(model, batch, seq):
@@ -167,8 +178,9 @@ def adapter_config(method, dropout):
                                   top_k=2, routing_strategy=method)
 
 
-def train_step_fn(model, ids, answer_only):
-    """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:]."""
+def train_step_fn(model, ids, answer_only, autocast=False):
+    """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:];
+    autocast: the forward and loss under torch.autocast(bfloat16)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None            # none for train-frozen
     x, y = ids[:, :-1], ids[:, 1:]                                          # (B,T) each
@@ -179,9 +191,10 @@ def train_step_fn(model, ids, answer_only):
     no_head = torch.zeros_like(mask)                                        # the loss applies the LM head
 
     def step():
-        out = model(x, logits_mask=no_head)
-        ce = losses.lm_loss_from_hidden(out.hidden[mask], model.lm_head.weight, targets, "mean")
-        loss = ce + sum(losses.adapter_losses(out.aux, None, getattr(model, "adapter_config", None)).values())
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x, logits_mask=no_head)
+            ce = losses.lm_loss_from_hidden(out.hidden[mask], model.lm_head.weight, targets, "mean")
+            loss = ce + sum(losses.adapter_losses(out.aux, None, getattr(model, "adapter_config", None)).values())
         loss.backward()
         if opt is not None:
             opt.step()
@@ -205,6 +218,7 @@ class Bench:
         self.prompt = torch.randint(0, 49152, (1, PROMPT), generator=g)     # (1,PROMPT)
         self.models = {}                                                    # method -> model, kept
         self.peak = None
+        self.summaries = {}                                                 # row -> what accelerate applied
 
     def model(self, method="base"):
         """The base model, or one with `method`'s adapter injected (built once per method)."""
@@ -220,7 +234,7 @@ class Bench:
         m = self.models[method]
         return m, self.ids.clamp(max=m.config.vocab_size - 1).to(self.device)
 
-    # Each prepare_* returns (fn, tokens per call, FLOPs per call or None, extra fields).
+    # Each prepare_* returns (fn, tokens per call, FLOPs per call or None, extra fields, model).
 
     def prepare_forward(self, method="base"):
         model, ids = self.model(method)
@@ -230,7 +244,7 @@ class Bench:
             model.eval()
             with torch.inference_mode():
                 model(x)
-        return fn, x.numel(), forward_flops(model, B, T), {}
+        return fn, x.numel(), forward_flops(model, B, T), {}, model
 
     def prepare_generate(self, use_cache):
         model, _ = self.model()
@@ -240,16 +254,16 @@ class Bench:
             model.eval()
             with torch.inference_mode():
                 llama.generate(model, p, NEW, use_cache=use_cache)
-        return fn, NEW, None, {}
+        return fn, NEW, None, {}, model
 
-    def prepare_train(self, method, answer_only=False):
+    def prepare_train(self, method, answer_only=False, autocast=False):
         model, ids = self.model(method)
-        step = train_step_fn(model, ids, answer_only)
+        step = train_step_fn(model, ids, answer_only, autocast)
 
         def fn():
             model.train()
             step()
-        return fn, B * T, 2 * forward_flops(model, B, T), {}
+        return fn, B * T, 2 * forward_flops(model, B, T), {}, model
 
     def load(self, dtype):
         """Peak RSS of loading, in a fresh interpreter so nothing else is resident."""
@@ -284,6 +298,7 @@ class Bench:
             rows.append((f"train-{m}", lambda m=m: self.prepare_train(m)))
             if m == "lora":
                 rows.append(("train-lora-answer16", lambda: self.prepare_train("lora", answer_only=True)))
+                rows.append(("train-lora-bf16", lambda: self.prepare_train("lora", autocast=True)))
             if m in ("lora", "mixlora"):
                 rows.append((f"eval-{m}", lambda m=m: self.prepare_forward(m)))
         return rows
@@ -298,28 +313,36 @@ class Bench:
                     ready[name] = prepare()
                 except (ImportError, AttributeError, TypeError) as e:  # an adapter API not ready / changed
                     res[name] = {"skipped": f"{type(e).__name__}: {e}"}
-        times, peaks = {n: [] for n in ready}, {}
+        variants = self.args.variants
+        times = {(n, v): [] for n in ready for v in variants}
+        peaks = {}
         for rnd in range(self.args.repeats + 1):                         # round 0 is the warm-up
-            for name, (fn, *_) in ready.items():
-                if rnd == 0:
-                    release_freed_memory()  # peak memory is read in round 0, from the live tensors up
-                with PeakMemory(self.device) as mem:
-                    sync(self.device)
-                    t0 = time.perf_counter()
-                    fn()
-                    sync(self.device)
-                    dt = time.perf_counter() - t0
-                if rnd:
-                    times[name].append(dt)
-                else:
-                    peaks[name] = mem.mb
+            for name, (fn, *_, model) in ready.items():
+                for v in variants:
+                    summary = switch(model, v)
+                    if rnd == 0 and summary and v == variants[-1]:
+                        self.summaries[name] = summary
+                    if rnd == 0:
+                        release_freed_memory()  # peak memory is read in round 0, from the live tensors up
+                    with PeakMemory(self.device) as mem:
+                        sync(self.device)
+                        t0 = time.perf_counter()
+                        fn()
+                        sync(self.device)
+                        dt = time.perf_counter() - t0
+                    if rnd:
+                        times[name, v].append(dt)
+                    else:
+                        peaks[name, v] = mem.mb
             print(f"  round {rnd}/{self.args.repeats} done", file=sys.stderr, flush=True)
-        for name, (fn, tokens, flops, extra) in ready.items():
-            t = statistics.median(times[name])
-            r = {"tok_s": tokens / t, "ms": 1e3 * t, "times_ms": [round(1e3 * x, 1) for x in times[name]], **extra}
-            r["peak_mb"] = peaks[name]
+        for name, (fn, tokens, flops, extra, model) in ready.items():
+            r = {}
+            for v in variants:                                           # the last variant's fields are kept
+                t = statistics.median(times[name, v])
+                r = {"tok_s": tokens / t, "ms": 1e3 * t, "times_ms": [round(1e3 * x, 1) for x in times[name, v]],
+                     **extra, "peak_mb": peaks[name, v], "variants": {**r.get("variants", {}), v: 1e3 * t}}
             if flops:
-                r["gflops"] = flops / t / 1e9
+                r["gflops"] = flops / (r["ms"] / 1e3) / 1e9
                 r["pct_peak"] = 100 * r["gflops"] / self.peak
             if name.startswith("generate"):
                 r["ms_per_token"] = r["ms"] / NEW
@@ -378,6 +401,19 @@ def multi_tokens(model, path):
     return sum(len(enc[j]["ids"]) for s in range(MULTI_STEPS) for j in data.step_indices(len(enc), s, MULTI_BATCH, 42))
 
 
+VARIANTS = {"plain": None, "accelerated": {}, "accelerated-lora": dict(lora_product=False),
+            "accelerated-dropout": dict(dropout=False), "accelerated-linear": dict(linear="mkl"),
+            "accelerated+onednn": dict(linear="onednn")}
+
+
+def switch(model, variant):
+    """Put the model into `variant`: its plain modules, then kernels.accelerate with the variant's options
+    (the process setting keep_freed_memory is the run's, not the variant's)."""
+    kernels.restore(model)
+    if VARIANTS[variant] is not None:
+        return kernels.accelerate(model, keep_memory=False, **VARIANTS[variant])
+
+
 def load_child(path, dtype):
     """Run in the subprocess: print {peak_mb, weights_mb, ratio, ms} of from_pretrained as JSON."""
     base = proc_status_kb("VmRSS")
@@ -427,11 +463,17 @@ def fmt(v, spec):
     return format(v, spec) if v is not None else "-".rjust(int(re.match(r"\d+", spec).group()))
 
 
-def print_table(res, header):
+def print_table(res, header, variants):
     print(header)
-    print(f"{'row':22} {'tok/s':>8} {'ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'peak MB':>8}  note")
+    w = max(9, *(len(v) for v in variants))
+    print(f"{'row':22} " + " ".join(f"{v + ' ms':>{w + 3}}" for v in variants)
+          + f" {'x':>5} {'tok/s':>8} {'GFLOP/s':>8} {'%peak':>6} {'peak MB':>8}  note")
     for name, r in res.items():
-        print(f"{name:22} {fmt(r.get('tok_s'), '8.1f')} {fmt(r.get('ms'), '9.1f')} {fmt(r.get('gflops'), '8.1f')} "
+        ms = [r.get("variants", {}).get(v, r.get("ms") if "variants" not in r and v == variants[-1] else None)
+              for v in variants]
+        x = ms[0] / ms[-1] if len(ms) > 1 and ms[0] and ms[-1] else None
+        print(f"{name:22} " + " ".join(fmt(m, f"{w + 3}.1f") for m in ms) + f" {fmt(x, '5.2f')} "
+              f"{fmt(r.get('tok_s'), '8.1f')} {fmt(r.get('gflops'), '8.1f')} "
               f"{fmt(r.get('pct_peak'), '5.0f')}{'%' if 'pct_peak' in r else ' '} "
               f"{fmt(r.get('peak_mb'), '8.0f')}  {r.get('note', '')}")
 
@@ -450,16 +492,17 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=list(llama.DTYPES), help="weights and compute dtype")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="LoRA dropout of the adapter rows (PEFT's default 0; train.py's 0.05 adds the masks' RNG cost)")
-    ap.add_argument("--linear", default="onednn", choices=["onednn", "mkl"],
-                    help="CPU fp32 matmul library behind kernels.linear (mkl = torch's default F.linear)")
+    ap.add_argument("--variants", default="plain,accelerated",
+                    help=f"comma-separated columns, each row timed in each: {', '.join(VARIANTS)}")
     ap.add_argument("--no-keep-freed-memory", action="store_true",
-                    help="leave glibc's malloc as it is (the tools call kernels.keep_freed_memory by default)")
+                    help="leave glibc's malloc as it is for the whole run (kernels.accelerate sets keep_freed_memory)")
     ap.add_argument("--multi", action="store_true",
                     help="also run the multi-* rows: 3 adapters trained together vs in turn vs at once (7 train.py runs)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)
     kept = not args.no_keep_freed_memory and kernels.keep_freed_memory()
+    args.variants = [v for v in args.variants.split(",") if v]
     try:
         if args.load_child:
             return load_child(args.model, args.load_child)
@@ -468,13 +511,15 @@ def main(argv=None):
         args.model = checkpoints.resolve_model(args.model)
         if not os.path.exists(os.path.join(args.model, "config.json")):
             raise FileNotFoundError(f"{args.model}: no config.json (expected a Hugging Face checkpoint folder)")
-        kernels.ONEDNN = kernels.ONEDNN and args.linear == "onednn"
+        bad = [v for v in args.variants if v not in VARIANTS]
+        if bad or not args.variants:
+            raise ValueError(f"--variants: unknown {bad or '(none)'}, expected names from {', '.join(VARIANTS)}")
         bench = Bench(args)
         dev = bench.device
         peak32 = matmul_peak(dev, torch.float32, args.repeats)
         bench.peak = peak32 if bench.dtype == torch.float32 else matmul_peak(dev, bench.dtype, args.repeats)
-        header = (f"# {args.model} | {args.device} {args.dtype} | {torch.get_num_threads()} threads | torch "
-                  f"{torch.__version__} | linear {'onednn' if kernels.ONEDNN else 'mkl'} | keep freed memory {kept} | "
+        header = (f"# {args.model} | {args.device} {args.dtype} | {kernels.cpu_model()} | {torch.get_num_threads()} "
+                  f"threads | torch {torch.__version__} | keep freed memory {kept} | "
                   f"fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")
                   + f" | LoRA dropout {args.lora_dropout} | medians of {args.repeats} interleaved rounds | load avg {os.getloadavg()[0]:.1f}")
@@ -483,7 +528,9 @@ def main(argv=None):
         add_notes(res)
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
-    print_table(res, header)
+    print_table(res, header, args.variants)
+    if bench.summaries:
+        print(f"# {args.variants[-1]}, train-lora row: {bench.summaries.get('train-lora', next(iter(bench.summaries.values())))}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

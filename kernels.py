@@ -1,32 +1,91 @@
-"""kernels.py: the two CPU speed measures that the model and the tools share.
+"""kernels.py: speed from outside. `accelerate(model)` converts a loaded, adapted model in place.
 
-    linear(x, W, b)        y = x W^T + b, through oneDNN for fp32 on CPU (torch's F.linear uses MKL there)
-    Linear                 nn.Linear whose forward is `linear`: llama.py builds every projection with it
-    keep_freed_memory()    glibc mallopt so large activations reuse heap memory (called by the CLIs)
-    Dropout                nn.Dropout whose CPU mask is drawn from Geometric gaps (dropout_positions)
-    lora_linear(...)       a LoRA layer's y = W0 x + b + s B A dropout(x) with its backward written out
+llama.py, lora.py and moe_lora.py are plain PyTorch (the path a reader studies and the tests check
+against). This file holds the CPU speed measures and the one call that applies them, as gpt-fast's
+quantize.py converts its plain model.py:
 
-Each is measured by bench.py (--linear mkl, --no-keep-freed-memory turn them off) and checked by
-test_linear_onednn_matches_f_linear and test_keep_freed_memory_keeps_large_blocks_resident in test_all.py;
-the last two by test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries and
-test_lora_fast_path_matches_autograd (against lora.LoRALinear's plain-autograd path).
-On a GPU, in bf16 or under autocast, `linear` is F.linear itself.
+    model = llama.from_pretrained(path); moe_lora.inject_adapter(model, cfg)
+    print(kernels.accelerate(model))       # one line: what was applied; the tools call it unless --no-accelerate
 
-Shape legend: N rows (tokens), d_in / d_out the layer's input / output width.
+What `accelerate` swaps in (each a subclass with the same parameters and state-dict keys, so saving,
+loading, merging and an optimiser already holding the parameters see no change):
+    FastLinear       nn.Linear whose CPU fp32 product goes through oneDNN in the regimes where a short
+                     measurement on the model's own shapes (choose_linear, cached per CPU and torch
+                     version) finds it faster than torch's default (MKL); F.linear everywhere else
+    FastLoRALinear   lora.LoRALinear whose CPU fp32 product y = W0 x + b + s B A drop(x) has its backward
+                     written out (lora_linear): no saved dropout output, fewer temporaries
+    Dropout          nn.Dropout whose CPU mask is drawn as Geometric gaps (dropout_positions)
+and one process setting: keep_freed_memory (glibc keeps large freed blocks for reuse).
+`accelerate(model, linear="mkl", lora=False, ...)` leaves a measure out (bench.py compares them);
+`restore(model)` turns every swapped module back into its plain class. Which measures pay on which CPU
+is measured by bench.py and recorded in the README.
+
+Checked against the plain modules: test_accelerated_model_matches_plain (outputs and the gradient of
+every trainable parameter, for lora, dora and the three MixLoRA routers), test_fast_linear_matches_f_linear,
+test_lora_fast_path_matches_autograd, test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries,
+test_keep_freed_memory_keeps_large_blocks_resident.
+
+Shape legend: N rows (tokens), d_in / d_out the layer's input / output width, r rank, k dropped entries.
 """
 import ctypes
+import json
 import math
+import os
+import platform
+import statistics
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# ----------------------------------------------------------------------------------------------------
+# Process setting: glibc's malloc keeps large freed blocks (constants from glibc's <malloc.h>)
 
+M_TRIM_THRESHOLD = -1    # free heap memory above this many bytes at the top is given back to the OS
+M_MMAP_MAX = -4          # the most blocks malloc serves by mmap (0: none, all come from the heap)
+TRIM_KEEP = 2**31 - 1    # keep up to 2 GiB of freed heap memory for reuse
+
+
+def keep_freed_memory():
+    """glibc serves every block over its mmap threshold (at most 32 MB) by mmap and unmaps it when freed,
+    so each training step page-faults fresh zeroed pages for its large activations (the (B*T, V)
+    logits, attention buffers). mallopt(M_MMAP_MAX, 0) serves them from the heap and
+    mallopt(M_TRIM_THRESHOLD, 2 GiB) keeps that much freed memory for reuse, so the process's RSS does
+    not shrink back. Returns whether it applied (False where the C library is not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_KEEP) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# The oneDNN linear: a private torch op, guarded, with F.linear as its fallback
 
 def _onednn(x, w, b=None):  # (..., d_in) x (d_out, d_in) -> (..., d_out)
+    # torch.ops.mkldnn._linear_pointwise is the op torch.compile's CPU backend emits for nn.Linear; it is
+    # private (no stability promise), so onednn_available() tries it once before anything relies on it.
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+_ONEDNN_OK = None
+
+
+def onednn_available():
+    """Whether this torch build has the oneDNN linear op and it computes F.linear (tried once)."""
+    global _ONEDNN_OK
+    if _ONEDNN_OK is None:
+        _ONEDNN_OK = False
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            try:
+                x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+                _ONEDNN_OK = torch.allclose(_onednn(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+            except (RuntimeError, TypeError):  # a signature change in a later torch: fall back to F.linear
+                pass
+    return _ONEDNN_OK
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -48,56 +107,133 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def linear(x, weight, bias=None):
-    """F.linear, except fp32 on CPU: torch sends that to MKL, while oneDNN (also inside torch, the path
-    torch.compile uses on CPU) is faster on this project's 2-core AMD EPYC: ~200 vs ~140-160 GFLOP/s on
-    the model's (1024, 576) x (576, 1536)-like products, and 1.2-2.4x on single-token products, where
-    MKL's gemv uses one core. `bench.py --linear mkl` measures the whole model both ways. Values agree
-    with F.linear to float rounding (test_linear_onednn_matches_f_linear)."""
-    if (not ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")):
-        return F.linear(x, weight, bias)
+def onednn_linear(x, weight, bias=None):
+    """F.linear through oneDNN (values equal to float rounding); the graph-free op when nothing needs a
+    gradient (decoding), the autograd.Function above otherwise."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn(x, weight, bias)  # no graph: skip the autograd.Function's overhead (decoding)
+    return _onednn(x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose forward is `linear` above."""
+REGIMES = ("train", "forward", "decode")  # a product in a graph; no graph, many rows; no graph, <= 4 rows
+DECODE_ROWS = 4
+
+
+def regime(x, weight, bias=None):
+    """Which of REGIMES a product x (..., d_in) W^T is in, or None where only F.linear applies
+    (not CPU fp32, or under autocast)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return "train"
+    return "decode" if x.numel() <= DECODE_ROWS * x.shape[-1] else "forward"
+
+
+def linear_for(plan):
+    """The product function for a plan {regime: "onednn" | "mkl"}: onednn_linear where the plan says so."""
+    def fn(x, weight, bias=None):
+        return onednn_linear(x, weight, bias) if plan.get(regime(x, weight, bias)) == "onednn" else F.linear(x, weight, bias)
+    return fn
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose product takes oneDNN in the regimes that
+    `plan` names (set by accelerate from choose_linear); F.linear in the others."""
+
+    plan = {}
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-def keep_freed_memory():
-    """glibc hands every freed block over 32 MB back to the OS (munmap), so each step page-faults fresh
-    zeroed pages for its large activations (the (B*T, V) logits, attention buffers): measured ~10% of a
-    forward and of a LoRA step here (bench.py --no-keep-freed-memory). mallopt(M_MMAP_MAX = 0) serves
-    them from the heap and M_TRIM_THRESHOLD = 2 GiB keeps that much freed memory for reuse, so the
-    process's RSS does not shrink back. The command-line tools call this; importing a module does not.
-    Returns whether it applied (False where the C library is not glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1  # M_MMAP_MAX, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+        return linear_for(self.plan)(x, self.weight, self.bias)
 
 
 # ----------------------------------------------------------------------------------------------------
-# LoRA: dropout and the layer's product (lora.py builds the layers; these are its CPU fast path)
+# The measured choice between MKL (F.linear) and oneDNN, per regime, on the model's own shapes
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), or platform.processor() elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def cache_path():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-lora", "kernels.json")
+
+
+def _time_products(shapes, backend, mode, rows):
+    """Seconds for one product of every (d_out, d_in, count) in shapes: no-grad, or forward + dx."""
+    fn = F.linear if backend == "mkl" else onednn_linear
+    t = 0.0
+    for (d_out, d_in), count in shapes.items():
+        w = torch.randn(d_out, d_in)
+        x = torch.randn(rows, d_in, requires_grad=mode == "train")
+        reps = 20 if rows <= DECODE_ROWS else 1
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            if mode == "train":
+                fn(x, w).backward(torch.ones(rows, d_out))
+            else:
+                with torch.no_grad():
+                    fn(x, w)
+        t += (time.perf_counter() - t0) * count / reps
+    return t
+
+
+def choose_linear(shapes, rounds=3, rows=256, min_gain=0.05):
+    """{regime: "onednn" | "mkl"}: oneDNN only in the regimes where it is at least min_gain faster than
+    MKL on these (d_out, d_in) -> count shapes (rows tokens for train/forward, 1 for decode), timed in
+    interleaved rounds, medians. Cached in cache_path(), keyed by CPU model, torch version, threads and
+    shapes, so the measurement (a few seconds on SmolLM2-135M) runs once per machine and setting."""
+    if not onednn_available():
+        return {r: "mkl" for r in REGIMES}
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | " + \
+          ",".join(f"{o}x{i}*{c}" for (o, i), c in sorted(shapes.items()))
+    try:
+        with open(cache_path()) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    plan = {}
+    for r in REGIMES:
+        mode, n = ("train", rows) if r == "train" else ("forward", rows if r == "forward" else 1)
+        times = {"mkl": [], "onednn": []}
+        for _ in range(rounds + 1):                                   # the first round warms up
+            for backend in times:
+                times[backend].append(_time_products(shapes, backend, mode, n))
+        mkl, one = (statistics.median(times[b][1:]) for b in ("mkl", "onednn"))
+        plan[r] = "onednn" if one < (1 - min_gain) * mkl else "mkl"
+    cache[key] = plan
+    try:
+        os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
+        tmp = cache_path() + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, cache_path())
+    except OSError:                                                   # a read-only home: measure next time
+        pass
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA dropout: the dropped entries drawn as Geometric gaps
 
 def dropout_positions(n, p, device=None, gaps=None):
     """Sorted flat indices (int64) of the entries that dropout zeroes in a tensor of n entries: each one
     independently with probability p. Drawn as running sums of Geometric(p) gaps between dropped entries,
-    the same Bernoulli process from ~p n random numbers instead of n: on CPU, generating the n-entry mask
-    is what dropout costs (measured ~5 ms for a (1024, 576) input at p = 0.05; bench.py --lora-dropout)."""
+    the same Bernoulli process from ~p n random numbers instead of n (on CPU, generating the n-entry
+    mask is most of what dropout costs)."""
     mean = n * p
     k = gaps or int(mean + 6 * math.sqrt(mean) + 16)                          # gaps that pass n, almost always
     pos = torch.empty(k, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).sub_(1)  # 0-based, exact
     while pos[-1] < n:                                                        # rarely: draw further gaps
         more = torch.empty(k, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).add_(pos[-1])
         pos = torch.cat((pos, more))
-    return pos[:int((pos < n).sum())].long()                                  # (~p n,)
+    return pos[:int((pos < n).sum())].long()                                  # (k,) k ~ p n
 
 
 def _zeroed_at(x, idx):
@@ -122,10 +258,8 @@ class _ZeroAt(torch.autograd.Function):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (same p, same train()/eval() switch): y = x / (1-p) with entries zeroed with probability p.
-    On CPU the zeroed entries come from dropout_positions: forward + backward 2.6-2.8x faster than torch's
-    kernel at p = 0.05 on (1024, 576) and (1024, 1536) inputs (measured); elsewhere torch's dropout is
-    already cheap and is used as it is."""
+    """nn.Dropout (same p, same train()/eval() switch): y = x / (1-p) with entries zeroed with probability
+    p. On CPU the zeroed entries come from dropout_positions; elsewhere torch's dropout is used as it is."""
 
     def positions(self, x):
         """The flat indices of x to zero now, or None (eval(), p = 0, or not on CPU)."""
@@ -140,6 +274,9 @@ class Dropout(nn.Dropout):
         return _ZeroAt.apply(x, self.positions(x), 1.0 / (1.0 - self.p))
 
 
+# ----------------------------------------------------------------------------------------------------
+# The LoRA layer's product with its backward written out
+
 class _LoRALinear(torch.autograd.Function):
     """y = x W0^T + b + s (xd A^T) B^T on CPU for a frozen W0, b, with the backward written out.
 
@@ -153,43 +290,114 @@ class _LoRALinear(torch.autograd.Function):
         dx = dy W0 + keep dh A  (N, d_in)    except at idx, where dx = dy W0 (those entries never reached A)
 
     Plain autograd gives the same numbers with five graph nodes, a saved dropout output, and fresh
-    temporaries for the LoRA terms; here they go into y and dx in place (a temporary plus an add is one
-    more pass over memory), and the dropped entries of dx are restored from a copy of k values rather
-    than masking an (N, d_in) tensor. Measured on SmolLM2-135M, batch 4 x 256, all 7 projections: the
-    LoRA step 1.01-1.07x faster at p = 0; at p = 0.05 its peak memory 1.7 GB instead of 2.7 GB (no
-    dropout outputs saved). test_lora_fast_path_matches_autograd checks values and
-    gradients."""
+    temporaries for the LoRA terms; here they go into y and dx in place, and the dropped entries of dx
+    are restored from a copy of k values rather than masking an (N, d_in) tensor. `mm` is the product
+    of the base weight (F.linear or onednn_linear, from the plan)."""
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s, idx, keep):  # x (N, d_in), W (d_out, d_in), idx (k,) or None
+    def forward(ctx, x, W, b, A, B, s, idx, keep, mm):  # x (N, d_in), W (d_out, d_in), idx (k,) or None
         keep = keep if idx is not None else 1.0
-        h = linear(x if idx is None else _zeroed_at(x, idx), A)           # (N, r) x0 A^T
+        h = F.linear(x if idx is None else _zeroed_at(x, idx), A)         # (N, r) x0 A^T
         h.mul_(keep)
-        y = linear(x, W, b)                                               # (N, d_out)
+        y = mm(x, W, b)                                                   # (N, d_out)
         y.addmm_(h, B.t(), alpha=s)                                       # y += s h B^T, in place
-        ctx.s, ctx.keep = s, keep
+        ctx.s, ctx.keep, ctx.mm = s, keep, mm
         ctx.save_for_backward(x, h, W, A, B, idx)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # dy (N, d_out)
         x, h, W, A, B, idx = ctx.saved_tensors
-        dh = linear(dy, B.t() * ctx.s)                                    # (N, r) = s dy B
+        dh = F.linear(dy, B.t() * ctx.s)                                  # (N, r) = s dy B
         x0 = x if idx is None else _zeroed_at(x, idx)                     # (N, d_in)
         dA = (dh.t() @ x0).mul_(ctx.keep)                                 # (r, d_in)
         dB = (dy.t() @ h).mul_(ctx.s)                                     # (d_out, r)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = linear(dy, W.t())                                        # (N, d_in) dy W0
+            dx = ctx.mm(dy, W.t())                                        # (N, d_in) dy W0
             kept = dx.view(-1).index_select(0, idx) if idx is not None else None  # (k,) dy W0 there
             dx.addmm_(dh, A, alpha=ctx.keep)                              # dx += keep dh A, in place
             if idx is not None:
                 dx.view(-1).index_copy_(0, idx, kept)                     # the dropped entries: dy W0 only
-        return dx, None, None, dA, dB, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None
 
 
-def lora_linear(x, W, b, A, B, s, idx=None, keep=1.0):
+def lora_linear(x, W, b, A, B, s, idx=None, keep=1.0, mm=F.linear):
     """y = x W^T + b + s (dropout(x) A^T) B^T (N, d_out) for x (N, d_in), W frozen; dropout zeroes the
-    entries at flat indices idx (from dropout_positions) and scales by keep = 1/(1-p). lora.LoRALinear
-    calls it on CPU in fp32 and checks it against its plain-autograd path (test_all.py)."""
-    return _LoRALinear.apply(x, W, b, A, B, s, idx, keep)
+    entries at flat indices idx (from dropout_positions) and scales by keep = 1/(1-p)."""
+    return _LoRALinear.apply(x, W, b, A, B, s, idx, keep, mm)
+
+
+class FastLoRALinear(lora.LoRALinear):
+    """lora.LoRALinear whose CPU fp32 product with a frozen base is lora_linear (DoRA's rescaling and
+    bias are applied after it, as in the plain forward); any other case runs the plain forward."""
+
+    def forward(self, x):  # x: (..., d_in) -> (..., d_out)
+        W, b, A = self.base.weight, self.base.bias, self.lora_A
+        drop = self.dropout
+        sparse = isinstance(drop, Dropout) or not drop.training or drop.p == 0  # a mask lora_linear can take
+        if (self.merged or not sparse or x.device.type != "cpu" or not x.dtype == W.dtype == A.dtype == torch.float32
+                or W.requires_grad or (b is not None and b.requires_grad) or torch.is_autocast_enabled("cpu")):
+            return super().forward(x)
+        x2 = x.reshape(-1, x.shape[-1])                                   # (N, d_in)
+        idx = drop.positions(x2) if isinstance(drop, Dropout) else None   # (k,) flat indices to drop, or None
+        mm = linear_for(getattr(self.base, "plan", {}))
+        y = lora_linear(x2, W, None if self.use_dora else b, A, self.lora_B, self.scaling, idx, 1 / (1 - drop.p), mm)
+        if self.use_dora:
+            scale = self.magnitude / self.weight_norm()                   # (d_out,) m / ||W0 + sBA||, detached n
+            y = scale * y if b is None else torch.addcmul(b.to(scale.dtype), scale, y)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# accelerate / restore
+
+PLAIN = {FastLinear: nn.Linear, FastLoRALinear: lora.LoRALinear, Dropout: nn.Dropout}
+
+
+def accelerate(model, linear="auto", lora_product=True, dropout=True, keep_memory=True):
+    """Swap the fast modules into `model` in place (call it after the adapters are injected) and apply
+    the process setting; returns a one-line summary of what was applied.
+
+    linear: "auto" (choose_linear on the model's projection shapes), "onednn" (every regime) or "mkl"
+    (leave nn.Linear as it is). lora_product: FastLoRALinear for every LoRA layer. dropout: the
+    Geometric-gap Dropout for every nn.Dropout. keep_memory: keep_freed_memory(). Only CPU fp32 layers
+    are touched; on a GPU or in bf16 the model stays plain."""
+    cpu32 = lambda m: m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    done = []
+    linears = [m for m in model.modules() if type(m) is nn.Linear and cpu32(m)]
+    if linear != "mkl" and linears:
+        shapes = {}
+        for m in linears:
+            if m.weight.shape[0] < 4 * m.weight.shape[1]:                 # the layers' projections, not the LM head
+                shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
+        plan = {r: "onednn" for r in REGIMES} if linear == "onednn" else choose_linear(shapes)
+        plan = {r: b for r, b in plan.items() if b == "onednn" and onednn_available()}
+        for m in linears if plan else ():
+            m.__class__, m.plan = FastLinear, plan                        # same parameters, new forward
+        if plan:
+            done.append(f"oneDNN linear for {'/'.join(plan)} in {len(linears)} layers "
+                        f"(MKL for {'/'.join(r for r in REGIMES if r not in plan) or 'none'})")
+    if not any(d.startswith("oneDNN") for d in done):
+        done.append("MKL linear (torch's default) everywhere")
+    if lora_product:
+        layers = [m for m in model.modules() if type(m) is lora.LoRALinear and cpu32(m.base)]
+        for m in layers:
+            m.__class__ = FastLoRALinear
+        done.append(f"LoRA product with its written-out backward in {len(layers)} layers")
+    if dropout:
+        drops = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
+        for m in drops:
+            m.__class__ = Dropout
+        done.append(f"sparse dropout in {len(drops)} modules")
+    if keep_memory:
+        done.append("keep_freed_memory " + ("on" if keep_freed_memory() else "unavailable (not glibc)"))
+    return "accelerate: " + "; ".join(done)
+
+
+def restore(model):
+    """Undo accelerate's module swaps (the process setting stays): every module back to its plain class."""
+    for m in model.modules():
+        if type(m) in PLAIN:
+            m.__class__ = PLAIN[type(m)]
+    return model

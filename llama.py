@@ -25,6 +25,8 @@ import math
 import os
 import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +35,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoints  # GGUF files become checkpoint folders there; the default model's routes
-from kernels import Linear, keep_freed_memory  # Linear: nn.Linear, oneDNN products on CPU (kernels.py)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -207,10 +208,10 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.H * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.H * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache, i):
         B, T, _ = x.shape
@@ -230,9 +231,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, u, token_mask=None):
         # token_mask (B,T) is unused here; MoE replacements use it to skip padding in routing.
@@ -277,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,)
@@ -384,6 +385,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     are read, so no randomly initialised copy is ever allocated. Integer-typed and non-finite tensors are
     refused with an error naming them."""
     path = checkpoints.gguf_folder(path)
+    recover_folder(path)  # an interrupted save_pretrained left the previous version as path.prev
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -417,27 +419,87 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     return model.eval()
 
 
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_folder(path, keep_others=False, drop=()):
+    """Write a folder atomically: `with atomic_folder(path) as tmp:` writes into tmp, a folder beside
+    `path`; on leaving the block every file and tmp itself are fsynced, the previous `path` (if any) is
+    renamed to `path.prev`, tmp to `path`, the parent fsynced, and only then is `path.prev` deleted.
+    The previous version is therefore never deleted before the new one is complete and in place: an
+    exception inside the block (or a crash) before the renames leaves it untouched; a crash between
+    the two renames leaves it as `path.prev`, which recover_folder (called by the loaders) moves back.
+    keep_others=True hard-links (or copies) into the new version the files of the previous one that
+    the new one does not write, except the names in `drop` (a user's notes beside an adapter survive)."""
+    path = os.path.abspath(path)
+    parent, prev = os.path.dirname(path), path + ".prev"
+    os.makedirs(parent, exist_ok=True)
+    recover_folder(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if keep_others and os.path.isdir(path):
+            for name in sorted(set(os.listdir(path)) - set(os.listdir(tmp)) - set(drop)):
+                src, dst = os.path.join(path, name), os.path.join(tmp, name)
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst)
+                else:
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(root, name))
+            _fsync(root, directory=True)
+        shutil.rmtree(prev, ignore_errors=True)                     # a complete `path` exists (recovered)
+        if os.path.exists(path):
+            os.replace(path, prev)                                  # the previous version set aside
+        try:
+            os.replace(tmp, path)                                   # the new one in place
+        except OSError:
+            if os.path.exists(prev) and not os.path.exists(path):
+                os.replace(prev, path)                              # put the previous one back
+            raise
+        _fsync(parent, directory=True)
+        shutil.rmtree(prev, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_folder(path):
+    """If `path` is missing but `path.prev` exists (an atomic_folder save was interrupted between its two
+    renames), move the previous version back into place; returns whether it did."""
+    path, prev = os.path.abspath(path), os.path.abspath(path) + ".prev"
+    if not os.path.exists(path) and os.path.isdir(prev):
+        os.replace(prev, path)
+        print(f"{path}: an interrupted save had left the previous version as {prev}; moved it back", file=sys.stderr)
+        return True
+    return False
+
+
 def save_pretrained(model, path, tokenizer_src=None, dtype=None):
-    """Write config.json + model.safetensors (+ tokenizer files copied from tokenizer_src) atomically:
-    the folder is assembled beside `path` and renamed into place."""
+    """Write config.json + model.safetensors (+ tokenizer files copied from tokenizer_src) with
+    atomic_folder: the previous folder stays whole until the new one is in place."""
     from safetensors.torch import save_file
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     cfg = model.config.to_dict()
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    for name in TOKENIZER_FILES if tokenizer_src else ():
-        if os.path.exists(os.path.join(tokenizer_src, name)):
-            shutil.copy(os.path.join(tokenizer_src, name), tmp)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_folder(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name in TOKENIZER_FILES if tokenizer_src else ():
+            if os.path.exists(os.path.join(tokenizer_src, name)):
+                shutil.copy(os.path.join(tokenizer_src, name), tmp)
     return path
 
 
@@ -621,7 +683,6 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
     ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = ap.parse_args(argv)
-    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

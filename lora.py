@@ -27,8 +27,6 @@ r rank, D hidden, C classes.
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernels import Dropout, linear, lora_linear
+import llama
+
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_KEYS = ("lora_", "magnitude", "moe_gate", "quality_gate", "score")  # see mark_trainable
@@ -92,6 +91,44 @@ def lora_scaling(lora_alpha, r, use_rslora=False):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def lora_pair(d_in, d_out, r, init="original", device=None):
+    """(A, B) fp32 Parameters of one LoRA: A (r, d_in) Kaiming-uniform(a=sqrt(5)), i.e.
+    U(-1/sqrt(d_in), 1/sqrt(d_in)) (or N(0, std=1/r) for "gaussian", the reference's std, not 1/sqrt(r)),
+    and B (d_out, r) zeros, so that s B A = 0 at init (Hu et al. 2021 sec. 4.1)."""
+    A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=torch.float32))   # (r, d_in)
+    B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=torch.float32))  # (d_out, r)
+    if init == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return A, B
+
+
+@torch.no_grad()
+def dora_row_norm(W0, A, B, s, w0_sq=None):
+    """n = ||W0 + s B A||_row (d_out,) fp32, the L2 norm over d_in of each row (DoRA eq. 5), without
+    materialising the (d_out, d_in) matrix W0 + sBA:
+
+        n^2 = ||W0||^2 + 2 s rowsum(B * (W0 A^T)) + s^2 rowsum(B * (B A A^T))
+
+    W0 A^T is one (d_out, d_in) x (d_in, r) product and A A^T is (r, r); w0_sq = ||W0||^2 (d_out,) when
+    the caller caches it. Detached (no_grad): DoRA sec. 4.3 treats the norm as a constant. Checked against
+    torch.linalg.norm(W0 + s*B@A, dim=1) in test_all.py. NOTE: cancellation makes it inaccurate only for
+    rows where W0 + sBA is ~0 relative to W0."""
+    W0A = F.linear(W0.to(A.dtype), A)  # (d_out, r) = W0 A^T
+    T = torch.addmm(W0A, B, A @ A.t(), beta=2, alpha=s)  # (d_out, r) = 2 W0 A^T + s B A A^T
+    w0_sq = W0.to(A.dtype).square().sum(1) if w0_sq is None else w0_sq  # (d_out,)
+    return (w0_sq + s * torch.linalg.vecdot(B, T)).clamp_min(0).sqrt()  # the formula above, factored
+
+
+def classification_head(hidden_size, num_labels, device=None):
+    """HF LlamaForSequenceClassification's `score` head (C, D), no bias, fp32 like the other adapter
+    tensors, initialised as the reference does (Kaiming-normal, a=sqrt(5)); load_* overwrite it."""
+    head = nn.Linear(hidden_size, num_labels, bias=False, device=device)
+    nn.init.kaiming_normal_(head.weight, a=math.sqrt(5))
+    return head
+
+
 # ----------------------------------------------------------------------------------------------------
 # the layer
 
@@ -123,13 +160,8 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.r, self.scaling, self.use_dora = r, lora_scaling(lora_alpha, r, use_rslora), use_dora
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=dev, dtype=torch.float32))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev, dtype=torch.float32))  # (d_out, r)
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = Dropout(lora_dropout)  # returns x itself at p = 0 and in eval()
+        self.lora_A, self.lora_B = lora_pair(d_in, d_out, r, init_lora_weights, dev)  # (r, d_in), (d_out, r)
+        self.dropout = nn.Dropout(lora_dropout)  # off in eval()
         self.merged = False
         self._w0_sq, self._w0_key = None, None  # cache of ||W0||_row^2, see w0_row_sq
         if use_dora:
@@ -146,20 +178,9 @@ class LoRALinear(nn.Module):
             self._w0_sq, self._w0_key = w.detach().float().square().sum(1), key  # (d_out,)
         return self._w0_sq
 
-    @torch.no_grad()
     def weight_norm(self):
-        """n = ||W0 + s B A||_row (d_out,), without materialising the (d_out, d_in) matrix W0 + sBA:
-
-            n^2 = ||W0||^2 + 2 s rowsum(B * (W0 A^T)) + s^2 rowsum(B * (B A A^T))
-
-        with ||W0||^2 cached, W0 A^T one (d_out, d_in) x (d_in, r) product and A A^T (r, r). test_lora.py
-        checks it against torch.linalg.norm(W0 + s*B@A, dim=1). Runs under no_grad: the norm is detached.
-        NOTE: cancellation makes it inaccurate only for rows where W0 + sBA is ~0 relative to W0."""
-        A, B, s = self.lora_A, self.lora_B, self.scaling
-        W0A = F.linear(self.base.weight.to(A.dtype), A)  # (d_out, r) = W0 A^T
-        T = torch.addmm(W0A, B, A @ A.t(), beta=2, alpha=s)  # (d_out, r) = 2 W0 A^T + s B A A^T
-        n2 = self.w0_row_sq() + s * torch.linalg.vecdot(B, T)  # (d_out,) the formula above, factored
-        return n2.clamp_min(0).sqrt()
+        """n = ||W0 + s B A||_row (d_out,), detached (dora_row_norm, with ||W0||^2 cached)."""
+        return dora_row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.w0_row_sq())
 
     def delta_weight(self):
         """s B A (d_out, d_in) fp32, the weight update that merging adds to W0."""
@@ -169,23 +190,15 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         A, B, s, W, b = self.lora_A, self.lora_B, self.scaling, self.base.weight, self.base.bias
-        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        if (x2.device.type == "cpu" and x2.dtype == W.dtype == A.dtype and not W.requires_grad
-                and (b is None or not b.requires_grad) and not torch.is_autocast_enabled("cpu")):
-            # the same y as below with the backward written out (kernels.lora_linear); DoRA adds the
-            # bias after its rescaling
-            idx = self.dropout.positions(x2)  # (k,) flat indices of x2 to drop, or None
-            y = lora_linear(x2, W, None if self.use_dora else b, A, B, s, idx, 1 / (1 - self.dropout.p))
-        else:  # GPU, bf16 base, autocast, or a trainable base weight: plain autograd
-            h = F.linear(self.dropout(x2).to(A.dtype), A)  # (N, r)
-            # (N, d_out) W0 x + b for LoRA (the wrapped layer itself); W0 x for DoRA (bias after rescaling)
-            y = linear(x2, W) if self.use_dora else self.base(x2)
-            y = y + F.linear(h * s, B).to(y.dtype)  # bf16 base: the fp32 LoRA product is rounded once
+        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r) A drop(x), in the adapter's fp32
+        # W0 x + b for LoRA (the wrapped layer itself); W0 x for DoRA, whose bias comes after the rescaling
+        y = F.linear(x, W) if self.use_dora and b is not None else self.base(x)  # (..., d_out)
+        y = y + F.linear(h * s, B).to(y.dtype)  # bf16 base: the fp32 LoRA product is rounded once
         if self.use_dora:
             scale = self.magnitude / self.weight_norm()  # (d_out,) m / ||W0 + sBA||, n detached
             # bias outside the rescaling (HF PEFT convention, see docstring); addcmul = b + scale * y
-            y = scale * y if b is None else torch.addcmul(b.to(scale.dtype), scale, y)  # (N, d_out) fp32
-        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+            y = scale * y if b is None else torch.addcmul(b.to(scale.dtype), scale, y)  # (..., d_out) fp32
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -218,17 +231,12 @@ class LoRALinear(nn.Module):
 
 class LoRAExpert(nn.Module):
     """One expert's LoRA factors without a base layer (the E experts of a projection share its frozen W0:
-    moe_lora.py, moe_linear.py): A (r, d_in) Kaiming-uniform(a=sqrt(5)) (or N(0, 1/r^2) for "gaussian"),
-    B (d_out, r) zeros; the owner adds a DoRA magnitude m (d_out,) when it needs one."""
+    moe_lora.py, moe_linear.py): A (r, d_in), B (d_out, r) initialised as every LoRA (lora_pair); the
+    owner adds a DoRA magnitude m (d_out,) when it needs one."""
 
     def __init__(self, d_in, d_out, r, init, device):
         super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device))     # (r, d_in) fp32
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))    # (d_out, r) fp32
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_A, self.lora_B = lora_pair(d_in, d_out, r, init, device)  # (r, d_in), (d_out, r) fp32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,8 +323,6 @@ def save_merged(model, out_dir, tokenizer_src=None):
     """Write a plain HF Llama checkpoint folder (config.json + model.safetensors + tokenizer files) with the
     adapters merged in; llama.from_pretrained loads it. The model is left as it was (unmerged, wrapped).
     NOTE: a `score` classification head is not part of a causal-LM checkpoint; keep it in the adapter."""
-    import llama  # the only project import, kept local so the layers above stay standalone
-
     layers, score = lora_layers(model), getattr(model, "score", None)
     was_merged = [m.merged for _, m in layers]
     try:
@@ -390,33 +396,33 @@ def adapter_state_dict(model):
 
 
 def save_peft_adapter(model, path, cfg=None, base_model_name_or_path=""):
-    """Write `path`/adapter_config.json + adapter_model.safetensors, PEFT layout. Files are written to a temp
-    dir next to `path` and moved in with os.replace, so an interrupted save never leaves a partial file."""
+    """Write `path`/adapter_config.json + adapter_model.safetensors, PEFT layout, atomically (write_adapter)."""
     cfg = cfg or model.adapter_config
     has_score = getattr(model, "score", None) is not None
     config = peft_config_dict(cfg, base_model_name_or_path, "SEQ_CLS" if has_score else None,
                               ["score"] if has_score else None)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
-        save_file(adapter_state_dict(model), os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_adapter(path, config, adapter_state_dict(model))
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def write_adapter(path, config, tensors, weights="adapter_model.safetensors"):
+    """Write `path`/adapter_config.json + `weights` (safetensors, or torch.save for the .bin name) with
+    llama.atomic_folder: the previous version stays whole until the new one is in place. Other files in
+    the folder are kept; the other weights format is dropped (read_adapter_files prefers safetensors)."""
+    with llama.atomic_folder(path, keep_others=True, drop=ADAPTER_WEIGHTS) as tmp:
+        if weights.endswith(".bin"):
+            torch.save(tensors, os.path.join(tmp, weights))
+        else:
+            save_file(tensors, os.path.join(tmp, weights), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        if not os.path.isdir(path):
-            os.replace(tmp, path)  # one atomic rename of the whole folder
-            return
-        for fname in ("adapter_model.safetensors", "adapter_config.json"):  # weights first, config last
-            os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
-        stale = os.path.join(path, "adapter_model.bin")  # an older .bin is ignored on load; remove it anyway
-        if os.path.exists(stale):
-            os.remove(stale)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_adapter_files(path):
     """(config dict, tensors dict) of an adapter folder: adapter_model.safetensors, else adapter_model.bin."""
+    llama.recover_folder(path)  # an interrupted save left the previous version as path.prev
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found (is {path!r} an adapter folder?)")
@@ -477,7 +483,7 @@ def load_peft_adapter(model, path):
         emb = model.model.embed_tokens.weight  # (V, D)
         if D != emb.shape[1]:
             raise ValueError(f"{score_key}: shape {(C, D)} in file, expected (num_labels, {emb.shape[1]})")
-        model.score = nn.Linear(D, C, bias=False, device=emb.device)  # fp32 like the other adapter tensors
+        model.score = classification_head(D, C, emb.device)
     inject_lora(model, cfg)
     params = {}
     for name, m in lora_layers(model):

@@ -30,8 +30,6 @@ Shape legend: B batch, T time, N = B*T tokens, L layers, E experts, K top-k, V v
 import torch
 import torch.nn.functional as F
 
-from kernels import linear
-
 # Select-MoE quality_loss_weight: 0.5 in its config class but 1.0 in stage_1_warmup.yaml (the value in effect).
 QUALITY_LOSS_WEIGHT = 1.0
 # Select-MoE moment-matching defaults (SelectMoeConfig): Beta(2,2) has mean 0.5 and variance 0.05.
@@ -316,7 +314,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, t = h[i:i + chunk], targets[i:i + chunk]                 # (c, D), (c,)
             valid = (t != -100)[:, None]                                 # (c, 1)
             tc = t.clamp(min=0)                                          # ignored rows: any index
-            z = linear(hc, w).float()                                    # (c, V) logits
+            z = F.linear(hc, w).float()                                  # (c, V) logits
             zt = z.gather(1, tc[:, None])                                # (c, 1) target logit
             m = z.amax(-1, keepdim=True)                                 # (c, 1)
             e = z.sub_(m).exp_()                                         # (c, V) exp(z - m), in place of z
@@ -324,7 +322,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((m + se.log() - zt) * valid).sum()
             scale = valid / se                                           # (c, 1) 1/s, 0 on ignored rows
             if need_h:
-                dh[i:i + chunk] = linear(e.to(w.dtype), w.t()) * scale - w[tc].float() * valid  # (c, D)
+                dh[i:i + chunk] = F.linear(e.to(w.dtype), w.t()) * scale - w[tc].float() * valid  # (c, D)
             if need_w:
                 hf = hc.float()
                 dw.addmm_(e.t(), hf * scale).index_add_(0, tc, -hf * valid)  # (V, D)

@@ -46,7 +46,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from kernels import Dropout
 from routers import Router, RouterConfig
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -228,7 +227,7 @@ class MoELoRALinear(nn.Module):
         dev, E = base.weight.device, router_config.num_experts
         self.experts = nn.ModuleList(lora.LoRAExpert(d_in, d_out, r, init_lora_weights, dev) for _ in range(E))
         self.moe_gate = Router(d_in, router_config).to(dev)                # the strategy's rule and init
-        self.dropout = Dropout(lora_dropout)  # returns x itself at p = 0 and in eval()
+        self.dropout = nn.Dropout(lora_dropout)  # returns x itself at p = 0 and in eval()
         self.routing = None  # (logits, weights, selected) of the last forward, handed out by the layer's hook
 
     def forward(self, x):  # x: (..., d_in) -> (..., d_out)

@@ -15,7 +15,7 @@ The MoE-LoRA FFN (u: the post-attention RMSNorm output; s = lora_alpha / r; the 
 
     u ──► moe_gate (router) ──► weights (N, E): K non-zero per token (top-k), fewer (top-p, Switch)
     │
-    ├──► W_gate u, W_up u            frozen base, computed ONCE for all tokens (fast path)
+    ├──► W_gate u, W_up u            frozen base, computed ONCE for all tokens
     │      for each expert e, on the tokens routed to it:
     │        g_e = W_gate u + s B_g,e A_g,e u          the expert's own LoRA on gate_proj
     │        v_e = W_up u   + s B_u,e A_u,e u          ... on up_proj
@@ -28,8 +28,8 @@ The MoE-LoRA FFN (u: the post-attention RMSNorm output; s = lora_alpha / r; the 
 
 Attention projections get one ordinary LoRA per adapter (lora.LoRALinear), shared by all experts.
 
-Checked by test_moe_lora.py: E=1/k=1 equals a dense LoRA FFN; the fast path equals the plain
-(reference) path in outputs and gradients for every router, with and without the gate; aux tensors
+Checked by test_all.py: E=1/k=1 equals a dense LoRA FFN; the grouped computation equals the
+reference's per-expert loop in outputs and gradients for every router, with and without the gate; aux tensors
 keep their gradients under activation checkpointing; exact save/load round trips in both file
 formats; and, when the `mixlora` package is importable, the same logits as the package on
 transformers' Llama in both directions. Run `python moe_lora.py` for a tiny demo.
@@ -42,17 +42,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import lora
-from kernels import Dropout, linear
 from losses import (BETA_TARGET_MEAN, BETA_TARGET_VAR, LAMBDA_VAR, QUALITY_LOSS_KINDS, QUALITY_LOSS_WEIGHT, W_MEAN,
                     W_VAR)
 from moe_linear import REFERENCE_MIN_DROPOUT, ExpertLoRAConfig, LoRAMoEConfig, MoLAConfig, inject_moe_linear
@@ -192,21 +188,16 @@ class ExpertProjection(nn.Module):
         self.weight, self.bias = base.weight, base.bias                     # (d_out, d_in), (d_out,) | None
         d_out, d_in = base.weight.shape
         self.scaling, self.use_dora = lora.lora_scaling(lora_alpha, r, use_rslora), use_dora and num_experts > 0
-        self.dropout = Dropout(lora_dropout)                                # x itself at p = 0, in eval()
+        self.dropout = nn.Dropout(lora_dropout)                             # x itself at p = 0, in eval()
         self.experts = nn.ModuleList(lora.LoRAExpert(d_in, d_out, r, init_lora_weights, base.weight.device)
                                      for _ in range(num_experts))
         if self.use_dora:
             for e, ex in enumerate(self.experts):
                 ex.magnitude = nn.Parameter(self.weight_norm(e))            # (d_out,): DoRA is a no-op at init
 
-    @torch.no_grad()
     def weight_norm(self, e):
-        """||W0 + s B A||_row (d_out,) for expert e, detached (DoRA sec. 4.3), via the expansion
-        n^2 = ||W0||^2 + 2 s rowsum(B * W0 A^T) + s^2 rowsum(B A A^T * B) (no (d_out, d_in) temporary)."""
-        A, B, s = self.experts[e].lora_A, self.experts[e].lora_B, self.scaling
-        w = self.weight.to(A.dtype)
-        n2 = w.square().sum(1) + 2 * s * (B * F.linear(w, A)).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
-        return n2.clamp_min(0).sqrt()
+        """||W0 + s B_e A_e||_row (d_out,) for expert e, detached (lora.dora_row_norm)."""
+        return lora.dora_row_norm(self.weight, self.experts[e].lora_A, self.experts[e].lora_B, self.scaling)
 
     def low_rank(self, x, e):
         """s A_e drop(x): (n, d_in) -> (n, r) in the adapters' fp32 (the scaling on the small side)."""
@@ -218,8 +209,8 @@ class ExpertProjection(nn.Module):
         return F.linear(self.low_rank(x, e), self.experts[e].lora_B)
 
     def forward(self, x, e, wx=None):
-        """Expert e on its tokens x (n, d_in) -> (n, d_out); wx = W0 x when already computed (fast path)."""
-        wx = linear(x, self.weight) if wx is None else wx                   # (n, d_out), no bias yet
+        """Expert e on its tokens x (n, d_in) -> (n, d_out); wx = W0 x when already computed (grouped_forward)."""
+        wx = F.linear(x, self.weight) if wx is None else wx                 # (n, d_out), no bias yet
         if self.experts:
             h, B = self.low_rank(x, e), self.experts[e].lora_B              # (n, r), (d_out, r)
             if self.use_dora:
@@ -244,15 +235,18 @@ class MixLoRAFFN(nn.Module):
     N(0, router_init_range). Padding tokens (token_mask False) skip the experts: their output is 0.
     NOTE: the reference routes and computes padding too; those outputs are never read.
 
-    Two paths, equal up to float rounding (test_moe_lora.py checks outputs and gradients):
-      plain (fast_path=False): the reference's `_mixlora_compatible_forward`: per expert, gather its
-          tokens, run the whole expert MLP, scale by w, index_add_ into the output.
-      fast (default): W_gate u and W_up u once for all tokens (the MixLoRA paper's optimisation, its
-          Table 6), experts add only their LoRA deltas on their tokens, and by linearity W_down is applied
-          ONCE to sum_e w_e a_e (I wide) instead of once per (token, expert) slot. Slots are sorted by
-          expert once, so each expert's tokens are a contiguous slice and the Python loop only issues the
-          small LoRA matmuls (addmm fuses W0 x + s B A x). Falls back to the plain path when down_proj
-          experts use DoRA (m_e / n_e breaks the linearity).
+    Two ways to compute the same y, equal up to float rounding (test_grouped_equals_per_expert_loop checks
+    outputs and gradients for every router, with and without the gate):
+      per_expert_forward: the reference's `_mixlora_compatible_forward`: per expert, gather its tokens,
+          run the whole expert MLP, scale by w, index_add_ into the output.
+      grouped_forward (used): W_gate u and W_up u once for all tokens, experts add only their LoRA deltas
+          on their tokens, and by linearity W_down is applied ONCE to sum_e w_e a_e (I wide) instead of once
+          per (token, expert) slot. Slots are sorted by expert once, so each expert's tokens are a
+          contiguous slice and the Python loop only issues the small LoRA matmuls. This is the MixLoRA
+          paper's own algorithm (sec. 3.3 and Table 6: the shared base FFN computed once), not speed
+          plumbing, so it lives here in plain PyTorch rather than in kernels.py. forward takes the
+          per-expert loop only where the algebra needs it: down_proj experts with DoRA (m_e / n_e breaks
+          the linearity).
 
     Quality gate (Select-MoE sec. 1.2): s_q = quality_gate(u) (B, T) fp32, init N(mean, std) from the
     config (NOTE: the reference overwrites that init with N(0, 0.02) in post_init; here it takes effect),
@@ -266,14 +260,14 @@ class MixLoRAFFN(nn.Module):
     checkpointing detached, so its quality loss had no gradient, bug B1).
     """
 
-    def __init__(self, mlp, cfg, trash_expert=None, fast_path=True):
+    def __init__(self, mlp, cfg, trash_expert=None):
         super().__init__()
         D, dev = mlp.gate_proj.in_features, mlp.gate_proj.weight.device
         for name in FFN_PROJECTIONS:
             E = cfg.num_experts if name in cfg.target_modules else 0
             setattr(self, name, ExpertProjection(getattr(mlp, name), E, **cfg.expert_settings()))
         self.moe_gate = Router(D, cfg).to(dev)                              # the strategy's init, fp32
-        self.num_experts, self.act, self.fast_path = cfg.num_experts, ACTIVATIONS[cfg.act_fn], fast_path
+        self.num_experts, self.act = cfg.num_experts, ACTIVATIONS[cfg.act_fn]
         self.quality_gate, self.trash_mode = None, cfg.trash_expert_mode
         if cfg.quality_gate:
             self.add_quality_gate(cfg.quality_gate_init_mean, cfg.quality_gate_init_std, cfg.quality_gate_init_bias)
@@ -315,10 +309,10 @@ class MixLoRAFFN(nn.Module):
         exp, tok = routed.t().nonzero(as_tuple=True)                        # (S,), (S,) sorted by expert
         w = weights[tok, exp].to(u.dtype)                                   # (S,) differentiable weights
         counts = torch.bincount(exp, minlength=self.num_experts).tolist()   # tokens per expert (1 sync)
-        if self.fast_path and not self.down_proj.use_dora:
-            y = self.fast_forward(x, tok, w, counts, routed.sum(-1))
+        if self.down_proj.use_dora:
+            y = self.per_expert_forward(x, tok, w, counts)
         else:
-            y = self.plain_forward(x, tok, w, counts)
+            y = self.grouped_forward(x, tok, w, counts, routed.sum(-1))
         y = y.view(B, T, D)
         aux = {"router_logits": logits, "router_weights": weights, "router_selected": selected}
         if self.quality_gate is not None:
@@ -329,7 +323,7 @@ class MixLoRAFFN(nn.Module):
             aux["gate_logits"] = s
         return y, aux
 
-    def plain_forward(self, x, tok, w, counts):
+    def per_expert_forward(self, x, tok, w, counts):
         """Reference path: each expert's full MLP on its tokens, scaled, index_add_ (fp32 buffer)."""
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # (N, D)
         for e, (t, we) in enumerate(zip(tok.split(counts), w.split(counts))):
@@ -339,11 +333,11 @@ class MixLoRAFFN(nn.Module):
                 y.index_add_(0, t, (self.down_proj(a, e) * we[:, None]).float())  # (n_e, D)
         return y.to(x.dtype)
 
-    def fast_forward(self, x, tok, w, counts, wsum):
+    def grouped_forward(self, x, tok, w, counts, wsum):
         """Shared base gate/up once, per-expert LoRA deltas only, base down once on sum_e w_e a_e."""
         # index_select, not x[tok]: its backward is an index_add, several times faster than index_put
-        G = linear(x, self.gate_proj.weight).index_select(0, tok)           # (S, I) W_gate x, gathered once
-        U = linear(x, self.up_proj.weight).index_select(0, tok)             # (S, I)
+        G = F.linear(x, self.gate_proj.weight).index_select(0, tok)         # (S, I) W_gate x, gathered once
+        U = F.linear(x, self.up_proj.weight).index_select(0, tok)           # (S, I)
         xs = x.index_select(0, tok)                                         # (S, D)
         h = torch.zeros(x.shape[0], G.shape[1], dtype=G.dtype, device=x.device)  # (N, I) sum_e w_e a_e
         d = []                                                              # down LoRA deltas
@@ -354,7 +348,7 @@ class MixLoRAFFN(nn.Module):
                 h.index_add_(0, t, a.to(h.dtype))                           # autocast: a may be fp32
                 if self.down_proj.experts:  # w s B A drop(a) = s B A drop(w a): a row scale passes dropout
                     d.append(self.down_proj.delta(a, e))                    # (n_e, D)
-        y = linear(h, self.down_proj.weight)                                # (N, D) W_down sum_e w_e a_e
+        y = F.linear(h, self.down_proj.weight)                              # (N, D) W_down sum_e w_e a_e
         if self.down_proj.bias is not None:
             y = y + wsum[:, None].to(y.dtype) * self.down_proj.bias         # sum_e w_e b
         if d:
@@ -391,14 +385,6 @@ def inject_adapter(model, cfg, trash_expert=None):
         raise ValueError(f"expected a lora.LoraConfig, MixLoRAConfig, LoRAMoEConfig or MoLAConfig, got {type(cfg).__name__}")
     model.adapter_config = cfg
     lora.mark_trainable(model)
-    return model
-
-
-def set_fast_path(model, enabled=True):
-    """Choose the fast (default) or the plain reference path in every MixLoRA FFN of the model."""
-    for m in model.modules():
-        if isinstance(m, MixLoRAFFN):
-            m.fast_path = enabled
     return model
 
 
@@ -446,28 +432,7 @@ def save_adapter(model, path, format="peft"):
     config.update(base_model_name_or_path=base, task_type="SEQ_CLS" if getattr(model, "score", None) is not None
                   else cfg.task_type or "CAUSAL_LM")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_tensors(model).items()}
-    names = ("adapter_model.safetensors", "adapter_model.bin")
-    weights = names[format == "mixlora"]
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
-        if format == "mixlora":
-            torch.save(tensors, os.path.join(tmp, weights))
-        else:
-            save_file(tensors, os.path.join(tmp, weights), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        if not os.path.isdir(path):
-            os.replace(tmp, path)                                   # one atomic rename of the folder
-            return path
-        for fname in (weights, "adapter_config.json"):              # weights first, config last
-            os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
-        for stale in names:                                         # the loader prefers .safetensors
-            if stale != weights and os.path.exists(os.path.join(path, stale)):
-                os.remove(os.path.join(path, stale))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    lora.write_adapter(path, config, tensors, lora.ADAPTER_WEIGHTS[format == "mixlora"])
     return path
 
 
@@ -498,7 +463,7 @@ def load_adapter(model, path, trash_expert=None):
             raise ValueError(f"{where}: num_experts={E} but the weights hold {n} experts ({key})")
     if "classifier" in tensors and getattr(model, "score", None) is None:
         C, D = tensors["classifier"].shape                          # (C, D): classes from the file
-        model.score = nn.Linear(D, C, bias=False, device=model.model.embed_tokens.weight.device)
+        model.score = lora.classification_head(D, C, model.model.embed_tokens.weight.device)
     inject_adapter(model, cfg, trash_expert)
     params = adapter_tensors(model)
     lora.copy_adapter_tensors(params, tensors, path, optional="magnitude")  # m: filled in below from A, B

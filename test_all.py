@@ -383,31 +383,37 @@ def test_cli_errors_have_no_traceback(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_linear_onednn_matches_f_linear():
-    """kernels.linear (oneDNN on CPU fp32) equals F.linear in value and in every gradient; other dtypes,
-    autocast and ONEDNN=False take F.linear itself."""
+def test_fast_linear_matches_f_linear():
+    """kernels.onednn_linear equals F.linear in value and in every gradient; FastLinear takes it only in the
+    regimes its plan names, and F.linear itself for other dtypes and under autocast."""
+    if not kernels.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, generator=g).requires_grad_()
     w = torch.randn(8, 16, generator=g).requires_grad_()
     b = torch.randn(8, generator=g).requires_grad_()
     dy = torch.randn(2, 3, 8, generator=g)
-    got = kernels.linear(x, w, b)
+    got = kernels.onednn_linear(x, w, b)
     ref = F.linear(x, w, b)
     assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(ref, (x, w, b), dy)):
         assert_close(a, r, rtol=1e-5, atol=1e-5)
     frozen = w.detach()                                            # frozen weight: only dx, x not kept
-    assert_close(torch.autograd.grad(kernels.linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
+    assert_close(torch.autograd.grad(kernels.onednn_linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
     with torch.no_grad():                                          # no graph (decoding)
-        assert_close(kernels.linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
-    assert kernels.linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+        assert_close(kernels.onednn_linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
+    assert kernels.regime(x, w) == "train" and kernels.regime(x.detach(), frozen) == "forward"
+    assert kernels.regime(x.detach()[0, :1], frozen) == "decode" and kernels.regime(x.bfloat16(), w.bfloat16()) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.linear(x, w, b).dtype == torch.bfloat16      # autocast is honoured, not bypassed
-    old, kernels.ONEDNN = kernels.ONEDNN, False
-    try:
-        assert torch.equal(kernels.linear(x, w, b), ref)
-    finally:
-        kernels.ONEDNN = old
+        assert kernels.regime(x, w) is None                        # autocast is honoured, not bypassed
+    layer = nn.Linear(16, 8)
+    kernels.accelerate(layer, linear="onednn", keep_memory=False)
+    assert type(layer) is kernels.FastLinear and set(layer.plan) == set(kernels.REGIMES)
+    assert "OneDNNLinear" in layer(x).grad_fn.name() and "OneDNNLinear" not in F.linear(x, w).grad_fn.name()
+    assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    layer.plan = {"forward": "onednn"}                             # training products: F.linear itself
+    assert "OneDNNLinear" not in layer(x).grad_fn.name()
+    assert type(kernels.restore(layer)) is nn.Linear
 
 
 KEEP_FREED_PROBE = """
@@ -438,8 +444,8 @@ def test_keep_freed_memory_keeps_large_blocks_resident():
 
 
 def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
-    """bench.py prints and saves every row (interleaved timing, load subprocesses, adapter steps) with the
-    ratios that the README quotes; a missing folder is a one-line error."""
+    """bench.py prints and saves every row, plain and accelerated side by side (interleaved timing, load
+    subprocesses, adapter steps), with the ratios that the README quotes; a missing folder is a one-line error."""
     write_tiny_checkpoint(tmp_path / "ck", max_position_embeddings=512)  # bench uses 4 x 256
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "ck"), "--repeats", "1",
@@ -447,11 +453,14 @@ def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
     assert set(rows) == {"forward", "generate-cached", "generate-uncached", "load-float32", "load-bfloat16",
-                         "train-frozen", "train-lora", "train-lora-answer16", "eval-lora", "train-dora", "train-mixlora",
-                         "eval-mixlora", "train-mixlora-dynamic", "train-mixlora-switch", "train-loramoe", "train-mola"}
+                         "train-frozen", "train-lora", "train-lora-answer16", "train-lora-bf16", "eval-lora", "train-dora",
+                         "train-mixlora", "eval-mixlora", "train-mixlora-dynamic", "train-mixlora-switch", "train-loramoe",
+                         "train-mola"}
     assert all(v["tok_s"] > 0 for k, v in rows.items() if not k.startswith("load"))
     assert "/fwd" in rows["train-lora"]["note"] and "/LoRA" in rows["train-dora"]["note"]
     assert rows["load-float32"]["ratio"] > 0
+    assert all(set(v["variants"]) == {"plain", "accelerated"} for k, v in rows.items() if not k.startswith("load"))
+    assert "accelerate: " in r.stdout and kernels.cpu_model() in r.stdout
     bad = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=HERE)
     assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
@@ -1091,28 +1100,30 @@ def graph_node_names(fn):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_lora_fast_path_matches_autograd(use_dora, dropout, bias):
-    """The written-out backward (kernels.lora_linear, taken for a frozen base on CPU) gives plain autograd's output and
-    gradients for x, A, B and m, with and without dropout (same mask from the same seed) and bias."""
+    """kernels.FastLoRALinear (the written-out backward) gives the plain LoRALinear's output and gradients
+    for x, A, B and m, with and without dropout (the same sparse-dropout entries from the same seed) and bias."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(12, 9, bias=bias), r=3, lora_alpha=6, lora_dropout=dropout, use_dora=use_dora)
-    nn.init.normal_(layer.lora_B, std=0.3)
+    plain = LoRALinear(nn.Linear(12, 9, bias=bias), r=3, lora_alpha=6, lora_dropout=dropout, use_dora=use_dora)
+    nn.init.normal_(plain.lora_B, std=0.3)
+    fast = copy.deepcopy(plain)
+    kernels.accelerate(fast, linear="mkl", keep_memory=False)
+    kernels.accelerate(plain, linear="mkl", lora_product=False, keep_memory=False)  # the same dropout only
+    assert type(fast) is kernels.FastLoRALinear and type(plain) is LoRALinear
     names = ["lora_A", "lora_B"] + (["magnitude"] if use_dora else [])
     x = torch.randn(2, 5, 12)
     w = torch.randn(2, 5, 9)
 
-    def run():
+    def run(layer):
         xg = x.clone().requires_grad_()
         torch.manual_seed(1)  # the same dropout mask both times
         y = layer(xg)
         (y * w).sum().backward()
         grads = [getattr(layer, n).grad.clone() for n in names] + [xg.grad]
-        layer.zero_grad(set_to_none=True)
         return y.detach(), grads, graph_node_names(y.grad_fn)
 
-    y_fast, g_fast, nodes = run()
+    y_fast, g_fast, nodes = run(fast)
     assert "_LoRALinearBackward" in nodes
-    layer.base.weight.requires_grad_(True)  # a trainable base takes the plain-autograd path
-    y_ref, g_ref, nodes = run()
+    y_ref, g_ref, nodes = run(plain)
     assert "_LoRALinearBackward" not in nodes
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
     for n, a, b in zip(names + ["x"], g_fast, g_ref):
@@ -1124,6 +1135,7 @@ def test_lora_fast_path_skips_unneeded_input_gradient():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=4)
     nn.init.normal_(layer.lora_B)
+    kernels.accelerate(layer, keep_memory=False)
     layer(torch.randn(4, 8)).sum().backward()
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
 
@@ -1425,7 +1437,7 @@ def test_peft_interop(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# moe_lora.py: MixLoRA FFN, fast vs plain path, quality gate, reference files
+# moe_lora.py: MixLoRA FFN, grouped vs per-expert loop, quality gate, reference files
 
 MASK = torch.tensor([[1] * 8, [1] * 5 + [0] * 3], dtype=torch.bool)               # right padding
 
@@ -1457,11 +1469,17 @@ def trainable_grads(module):
 # the FFN
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_single_expert_equals_dense_lora_ffn(fast):
+def per_expert_loop(ffn):
+    """Make ffn compute its experts with the reference's per-expert loop instead of grouped_forward."""
+    ffn.grouped_forward = lambda x, tok, w, counts, wsum: ffn.per_expert_forward(x, tok, w, counts)
+    return ffn
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_single_expert_equals_dense_lora_ffn(grouped):
     """E=1, k=1 MixLoRA is exactly a LlamaMLP whose three projections carry one ordinary LoRA."""
     ffn = tiny_ffn(num_experts=1, top_k=1)
-    ffn.fast_path = fast
+    ffn = ffn if grouped else per_expert_loop(ffn)
     dense = llama.LlamaMLP(llama.LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=1))
     for name in ("gate_proj", "up_proj", "down_proj"):
         proj = getattr(ffn, name)
@@ -1479,11 +1497,11 @@ def test_single_expert_equals_dense_lora_ffn(fast):
 
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("strategy", MIXLORA_STRATEGIES)
-def test_fast_path_equals_plain_path(strategy, gate):
-    """The fast path (shared base gate/up, base down once) equals the reference path, outputs and gradients."""
+def test_grouped_equals_per_expert_loop(strategy, gate):
+    """grouped_forward (shared base gate/up, base down once) equals the reference's per-expert loop,
+    outputs and gradients."""
     fast = tiny_ffn(strategy, quality_gate=gate, trash_expert_mode="noise")
-    plain = copy.deepcopy(fast)
-    plain.fast_path = False
+    plain = per_expert_loop(copy.deepcopy(fast))
     u = torch.randn(3, 7, 16)
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[2, 4:] = False
@@ -1506,8 +1524,73 @@ def test_fast_path_equals_plain_path(strategy, gate):
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def accelerated_pair(method, dropout, seed=0):
+    """(plain, accelerated) copies of a tiny Llama with `method`'s adapter, every adapter tensor random."""
+    torch.manual_seed(seed)
+    model = llama.LlamaForCausalLM(tiny_config(num_hidden_layers=2, tie_word_embeddings=True))
+    all7 = list(PROJECTIONS)
+    if method in ("lora", "dora"):
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=all7, use_dora=method == "dora")
+    elif method in ("loramoe", "mola"):
+        cfg = (LoRAMoEConfig if method == "loramoe" else MoLAConfig)(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                                    target_modules=all7, num_experts=4)
+    else:
+        cfg = MixLoRAConfig(r=4, lora_alpha=8, lora_dropout=dropout, num_experts=4, routing_strategy=method,
+                            capacity_factor=4.0)
+    inject_adapter(model, cfg)
+    randomize(model)
+    fast = copy.deepcopy(model)
+    return model.train(), fast.train()
+
+
+def step_results(model, ids, seed=3):
+    """Output logits and the gradient of every trainable parameter (and router loss terms) of one step."""
+    torch.manual_seed(seed)                                          # the same dropout and jitter draws
+    out = model(ids)
+    loss = out.logits.square().mean() + sum(losses.adapter_losses(out.aux, None, model.adapter_config).values())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"] + list(STRATEGIES))      # every adapter of train.py
+def test_accelerated_model_matches_plain(method):
+    """kernels.accelerate changes no number: the accelerated model gives the plain model's logits and the
+    gradient of every trainable parameter (dropout off; with dropout, the same as the plain layers with
+    only the sparse dropout swapped in, so both draw the same entries), and the same eval() logits."""
+    ids = IDS.clamp(max=47)
+    for dropout in (0.0, 0.2):
+        plain, fast = accelerated_pair(method, dropout)
+        if dropout:
+            kernels.accelerate(plain, linear="mkl", lora_product=False, keep_memory=False)
+        summary = kernels.accelerate(fast, linear="onednn" if kernels.onednn_available() else "mkl", keep_memory=False)
+        assert summary.startswith("accelerate: ") and "LoRA product" in summary
+        assert any(type(m) is kernels.FastLoRALinear for m in fast.modules()) or method in ("loramoe", "mola")
+        assert not dropout or any(type(m) is kernels.Dropout for m in fast.modules())
+        (y1, g1), (y2, g2) = step_results(plain, ids), step_results(fast, ids)
+        assert_close(y2, y1, rtol=1e-4, atol=5e-5)                 # oneDNN and MKL round differently
+        assert g1.keys() == g2.keys() and len(g1) > 0
+        for k in g1:
+            assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5, msg=k)
+        with torch.no_grad():
+            assert_close(fast.eval()(ids).logits, plain.eval()(ids).logits, rtol=1e-4, atol=5e-5)
+    kernels.restore(fast)
+    assert not any(type(m) in kernels.PLAIN for m in fast.modules())
+
+
+def test_plain_modules_hold_no_speed_code():
+    """llama.py, lora.py, moe_lora.py and moe_linear.py are plain PyTorch: no kernels import, no private op,
+    no C calls."""
+    for name in ("llama.py", "lora.py", "moe_lora.py", "moe_linear.py"):
+        with open(os.path.join(HERE, name)) as f:
+            src = f.read()
+        for needle in ("import kernels", "from kernels", "torch.ops.mkldnn", "ctypes", "mallopt"):
+            assert needle not in src, (name, needle)
+
+
 def test_dora_experts_fall_back_and_start_as_noop():
-    """DoRA experts are a no-op at init (m = ||W0||) and the fast flag then runs the plain path."""
+    """DoRA experts are a no-op at init (m = ||W0||) (forward then takes the per-expert loop)."""
     ffn = tiny_ffn(use_dora=True, num_experts=1, top_k=1)
     for proj in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
         torch.nn.init.zeros_(proj.experts[0].lora_B)
@@ -1688,6 +1771,69 @@ def test_save_load_roundtrip(tmp_path, fmt, use_dora):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def folder_bytes(path):
+    """{file name: bytes} of every file under path."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), path)] = f.read()
+    return out
+
+
+def disk_full(*args, **kwargs):
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("where", ["adapter", "pretrained", "folder"])
+def test_failed_save_leaves_previous_version_byte_identical(tmp_path, monkeypatch, where):
+    """A failure in the middle of a save (one file already written, the next one fails) leaves the previous
+    folder byte-identical and no temporary folder behind: adapter saves, save_pretrained, atomic_folder."""
+    import safetensors.torch
+    model, dest = (mixlora_model() if where == "adapter" else tiny_llama()), tmp_path / "out"
+
+    def save(fail=False):
+        if where == "adapter":                  # the weights file, then adapter_config.json
+            monkeypatch.setattr(json, "dump", disk_full) if fail else None
+            save_adapter(model, dest)
+        elif where == "pretrained":             # config.json, then model.safetensors
+            monkeypatch.setattr(safetensors.torch, "save_file", disk_full) if fail else None
+            llama.save_pretrained(model, dest)
+        else:
+            with llama.atomic_folder(dest) as tmp:
+                open(os.path.join(tmp, "state.pt"), "wb").write(b"new")
+                disk_full() if fail else None
+    save()
+    before = folder_bytes(dest)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)                         # the new version would differ
+    with pytest.raises(OSError, match="disk full"):
+        save(fail=True)
+    monkeypatch.undo()
+    assert folder_bytes(dest) == before and sorted(os.listdir(tmp_path)) == ["out"]
+    save()                                      # and the next save replaces it
+    assert folder_bytes(dest) != before or where == "folder"
+
+
+def test_interrupted_rename_is_recovered_by_the_loader(tmp_path, capsys):
+    """A crash between atomic_folder's two renames leaves only out.prev: the loaders move it back (and say so);
+    a later save keeps the user's other files and drops the other weights format."""
+    model = mixlora_model().eval()
+    save_adapter(model, tmp_path / "a", format="mixlora")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    os.replace(tmp_path / "a", tmp_path / "a.prev")                      # the state after a crash mid-swap
+    loaded = load_adapter(tiny_llama(), tmp_path / "a")
+    assert "moved it back" in capsys.readouterr().err and not os.path.exists(tmp_path / "a.prev")
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    save_adapter(model, tmp_path / "a")                                  # now the safetensors layout
+    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    base = tmp_path / "ck"
+    llama.save_pretrained(tiny_llama(), base)
+    os.replace(base, str(base) + ".prev")
+    assert llama.from_pretrained(str(base)).config.hidden_size == 32
 
 
 def test_reference_names_and_config(tmp_path):
