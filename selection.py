@@ -70,8 +70,8 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import data
+import kernels
 import llama
-from kernels import keep_freed_memory
 from moe_lora import load_adapter
 
 FRACTION_ERROR = "--select: the fraction must be in (0, 1], got {}"
@@ -420,7 +420,6 @@ def load_model(args):
     if not args.adapter_path:
         raise ValueError("--score with --model needs --adapter-path: a MixLoRA adapter warmed up with quality "
                          "gates (train.py --warmup)")
-    keep_freed_memory()  # as train.py (see kernels.py)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -433,6 +432,7 @@ def load_model(args):
     tok = llama.load_tokenizer(args.model)
     args.max_len = min(args.max_len, model.config.context_length)
     load_adapter(model, args.adapter_path)
+    print("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(model), file=sys.stderr)
     return model, tok, device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
@@ -533,6 +533,7 @@ arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
     help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32. Weights stay fp32")
 arg("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 arg("--threads", type=int, default=0, help="CPU threads; 0 = all cores, or 1 when the machine is already busy")
+arg("--no-accelerate", action="store_true", help="keep the plain modules: skip kernels.accelerate (same scores, slower)")
 # stage 2b: selection
 arg("--select", type=float, metavar="FRACTION", help="choose floor(N * FRACTION) samples of --data by quality, "
     "round-robin over routing clusters (reference: 0.0125 or 0.05)")

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -48,13 +47,13 @@ import checkpoints
 import cloze
 import data
 import guards
+import kernels
 import llama
 import losses
 import memory
 import multi
 import selection
-from kernels import keep_freed_memory
-from lora import LoraConfig, lora_plus_param_groups, mark_trainable
+from lora import LoraConfig, classification_head, lora_plus_param_groups, mark_trainable
 from moe_linear import LoRAMoEConfig, MoLAConfig
 from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
 from routers import STRATEGIES, RouterConfig
@@ -162,6 +161,8 @@ arg("--threads", type=int, default=0,
   help="CPU threads per process (default: the cores divided among processes, or 1 when the machine is already "
        "busy (load average >= cores), where competing OpenMP threads make every op many times slower)")
 arg("--gradient-checkpointing", action="store_true", help="recompute layer activations in the backward pass")
+arg("--no-accelerate", action="store_true",
+    help="keep the plain modules: skip kernels.accelerate (the CPU fast paths; same numbers, slower)")
 arg("--seed", type=int, default=42, help="seed of adapter init, data order and dropout")
 # evaluation, logging, checkpoints
 arg("--eval-every", type=int, default=0, help="evaluate every N optimiser steps (0 = only at the end)")
@@ -409,30 +410,19 @@ def format_results(results):
     return " | ".join(parts)
 
 
-def replace_dir(tmp, path):
-    """Move a finished folder into place: the old one is renamed away first, so a crash leaves one
-    complete copy (path, or path.old which --resume also accepts)."""
-    if os.path.isdir(path):
-        shutil.rmtree(path + ".old", ignore_errors=True)
-        os.replace(path, path + ".old")
-    os.replace(tmp, path)
-    shutil.rmtree(path + ".old", ignore_errors=True)
-
-
 def save_checkpoint(path, model, opt, step, args, best, finished=False):
     """Adapter files (loadable with --adapter-path) + state.pt: exact trainable tensors, optimiser,
     step (the schedule is a function of it), data position, RNG states, and whether the final evaluation
-    is done (a run killed during it evaluates again on --resume)."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, format=args.adapter_format)
+    is done (a run killed during it evaluates again on --resume); one llama.atomic_folder, so the previous
+    checkpoint stays whole until this one is in place."""
     state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": opt.state_dict(), "step": step, "data_position": step * args.batch_size,
              "best": best, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
              "args": vars(args), "finished": finished}
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    replace_dir(tmp, path)
+    with llama.atomic_folder(path) as tmp:
+        save_adapter(model, tmp, format=args.adapter_format)  # (itself atomic: it replaces the empty tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -676,9 +666,8 @@ def add_adapter(run):
         model.to(run.device)
     else:
         cfg = adapter_config(args)
-        if run.kind == "cls":  # HF LlamaForSequenceClassification's head; init as the reference (kaiming, a=sqrt 5)
-            model.score = nn.Linear(model.config.hidden_size, args.num_labels, bias=False, device=run.device)
-            nn.init.kaiming_normal_(model.score.weight, a=math.sqrt(5))
+        if run.kind == "cls":  # HF LlamaForSequenceClassification's head
+            model.score = classification_head(model.config.hidden_size, args.num_labels, run.device)
         inject_adapter(model, cfg)
         model.to(run.device)
     if run.kind == "cls" and getattr(model, "score", None) is None:
@@ -701,6 +690,7 @@ def add_adapter(run):
     run.log(f"model {args.model}: {n_total / 1e6:.1f}M parameters, adapter {args.adapter if not args.eval_only else args.adapter_path or 'none'}"
             f" with {n_train / 1e6:.3f}M trainable ({100 * n_train / n_total:.2f}%); device {run.device}, "
             f"{'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)" + (f" x {args.threads} threads" if args.threads else ""))
+    run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(model))
 
 
 def add_adapters(run, specs):
@@ -715,8 +705,7 @@ def add_adapters(run, specs):
 
     def add_head(view, name):  # each adapter its own classification head, initialised as it would be alone
         if run.kind == "cls":
-            view.score = nn.Linear(view.config.hidden_size, args.num_labels, bias=False, device=run.device)
-            nn.init.kaiming_normal_(view.score.weight, a=math.sqrt(5))
+            view.score = classification_head(view.config.hidden_size, args.num_labels, run.device)
 
     run.base = multi.shared_copy(run.model) if run.kind != "cls" else None  # a base model has no class head
     views = multi.add_adapters(run.model, {n: adapter_config(a) for n, a in specs}, args.seed, add_head)
@@ -822,7 +811,8 @@ def resume(run):
         os.makedirs(t.out, exist_ok=True)
         ckpt_dir = os.path.join(t.out, "checkpoint")
         if args.resume:
-            path = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + ".old"
+            llama.recover_folder(ckpt_dir)  # a save interrupted mid-swap left the previous one as checkpoint.prev
+            path = ckpt_dir
             if not os.path.isfile(os.path.join(path, "state.pt")):
                 raise FileNotFoundError(f"--resume: {ckpt_dir}/state.pt not found")
             state = guards.read_state(path, run.device)
@@ -1127,7 +1117,6 @@ def main(argv=None):
     ({"eval": results} with --eval-only)."""
     args = parser.parse_args(argv)
     guards.check_ranges(args)
-    keep_freed_memory()  # ~10% faster steps on CPU (see kernels.py)
     set_defaults(args)
     run = setup_processes(args)
     writes = run.rank == 0 and not args.eval_only  # --eval-only writes only predictions/ into --out
