@@ -38,7 +38,6 @@ Shape legend: B batch, T time, D hidden, I FFN intermediate, N = B*T tokens, E e
 S routed (token, expert) slots (N*K for top-k), r rank.
 """
 
-import json
 import math
 import os
 import re
