@@ -717,6 +717,7 @@ def add_adapters(run, specs):
                         for t in run.adapters)
             + f" trainable; device {run.device}, {'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)"
             + (f" x {args.threads} threads" if args.threads else ""))
+    run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(run.model))
 
 
 def encode_training_set(run, train_items):
