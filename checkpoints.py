@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -294,7 +293,7 @@ def _write_json(path, obj):
 def gguf_to_folder(gguf_path, out, dtype=None):
     """Convert a GGUF file into a checkpoint folder `out` that llama.from_pretrained loads. dtype None
     keeps every value exactly (quantized formats as float32); torch.bfloat16 rounds to nearest even, as
-    torch and the original SmolLM2 release do. The folder is assembled beside `out`, renamed into place."""
+    torch and the original SmolLM2 release do. Written with llama.atomic_folder."""
     from safetensors.torch import save_file
     cfg, meta, tensors = read_gguf(gguf_path)
     tk, tok_conf = gguf_tokenizer(meta, gguf_path)
@@ -302,19 +301,13 @@ def gguf_to_folder(gguf_path, out, dtype=None):
         raise ValueError(f"{gguf_path}: tokenizer has {tk.get_vocab_size()} entries, the vocabulary {cfg['vocab_size']}")
     sd = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in tensors.items()}
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype if dtype is None else dtype).removeprefix("torch.")
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(out)))
-    os.chmod(tmp, 0o755)                                   # mkdtemp makes it private
-    try:
+    import llama  # its atomic_folder (llama imports this file, so not at the top)
+    with llama.atomic_folder(out) as tmp:
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tk.save(os.path.join(tmp, "tokenizer.json"))
         _write_json(os.path.join(tmp, "config.json"), cfg)
         _write_json(os.path.join(tmp, "tokenizer_config.json"), tok_conf)
         _write_json(os.path.join(tmp, "generation_config.json"), {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -442,6 +442,9 @@ def atomic_folder(path, keep_others=False, drop=()):
     os.makedirs(parent, exist_ok=True)
     recover_folder(path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                                   # mkdtemp makes it private; a folder is not
     try:
         yield tmp
         if keep_others and os.path.isdir(path):
