@@ -2789,16 +2789,7 @@ def test_lock_refuses_a_second_run_and_a_stale_lock_does_not_block(ckpt, tmp_pat
 def test_resume_refuses_changed_settings_and_allows_harmless_ones(ckpt, tmp_path, monkeypatch):
     """A new --lora-alpha (or --seed) on --resume is refused naming both values; eval/log/save cadence may change."""
     out, common = tmp_path / "r", ["--adapter", "lora", "--steps", "3", "--max-eval", "4"]
-    real = data.step_indices
-
-    def stop_at_2(n, step, *a):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(n, step, *a)
-    monkeypatch.setattr(data, "step_indices", stop_at_2)
-    with pytest.raises(SystemExit):
-        run(ckpt, out, *common)
-    monkeypatch.setattr(data, "step_indices", real)
+    run_interrupted(monkeypatch, 2, ckpt, out, *common)
     with pytest.raises(ValueError, match=r"--lora-alpha 16 -> 32\.0"):
         run(ckpt, out, *common, "--resume", "--lora-alpha", "32")
     with pytest.raises(ValueError, match=r"--seed 42 -> 1"):
