@@ -17,7 +17,8 @@ run again, so an interrupted study continues where it stopped.
 Training: --train-format cloze (the correct option's continuation after its cloze context), the same
 --max-train questions of each task's train.jsonl for every method (a random subset drawn with the seed),
 one cosine schedule. Evaluation: the same --max-eval questions of each test.jsonl for every run (train.py
-draws them with seed 0), in cloze at the end of training and in labels from the saved adapter.
+draws them with seed 0), in cloze at the end of training and, for the --labels-seeds, in labels from the
+saved adapter. Runs go seed by seed (every method's seed 0 first), so a study cut short has every method.
 Every figure is recomputed from the runs' predictions/*.jsonl, so any of them can be checked question
 by question.
 
@@ -57,6 +58,7 @@ arg("--out", default="runs/study", help="study folder: one sub-folder per run, r
 arg("--task-root", help="folder with <task>/{train,test}.jsonl (default: train.py's)")
 arg("--methods", default="base,lora,dora,mixlora,lora-match", help="comma-separated subset of the methods")
 arg("--seeds", default="0,1,2", help="comma-separated training seeds")
+arg("--labels-seeds", help="seeds whose adapters are also evaluated in the labels format (default: every seed)")
 arg("--max-train", type=int, default=32, help="training questions per task (8 tasks at once)")
 arg("--max-eval", type=int, default=200, help="test questions per task, the same for every run")
 arg("--max-len", type=int, default=256, help="tokens per sequence in training and evaluation")
@@ -103,7 +105,8 @@ def methods(model_path):
 
 
 def plan(a):
-    """[(run folder, command)] in the order they run: the base model first, then method by seed."""
+    """[(run folder, command)] in the order they run: the base model first, then every method's first
+    seed, then every method's second seed, ... (so a study cut short still has every method)."""
     py = [sys.executable, os.path.join(HERE, "train.py"), "--model", a.model, "--task", ",".join(TASKS),
           "--max-eval", str(a.max_eval), "--max-len", str(a.max_len),
           "--threads", str(a.threads)] + (["--task-root", a.task_root] if a.task_root else []) + a.extra.split()
@@ -113,18 +116,20 @@ def plan(a):
         for fmt in ("cloze", "labels"):
             out = os.path.join(a.out, "base", fmt)
             runs.append((out, py + ["--eval-only", "--eval-format", fmt, "--out", out]))
-    for name, flags in methods(a.model).items():
-        if name not in wanted:
-            continue
-        for seed in a.seeds.split(","):
+    labels_seeds = (a.labels_seeds or a.seeds).split(",")
+    for seed in a.seeds.split(","):
+        for name, flags in methods(a.model).items():
+            if name not in wanted:
+                continue
             out = os.path.join(a.out, f"{name}-s{seed}")
             runs.append((out, py + flags + [
                 "--out", out, "--seed", seed, "--max-train", str(a.max_train), "--epochs", str(a.epochs),
                 "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--schedule", "cosine", "--warmup-ratio",
                 "0.1", "--train-format", "cloze", "--eval-format", "cloze", "--no-eval-before"]))
-            runs.append((os.path.join(out, "labels"), py + [
-                "--eval-only", "--eval-format", "labels", "--adapter-path", os.path.join(out, "last"),
-                "--out", os.path.join(out, "labels")]))
+            if seed in labels_seeds:
+                runs.append((os.path.join(out, "labels"), py + [
+                    "--eval-only", "--eval-format", "labels", "--adapter-path", os.path.join(out, "last"),
+                    "--out", os.path.join(out, "labels")]))
     return runs
 
 
@@ -195,20 +200,23 @@ def collect(a):
             continue
         method = "base" if name == "base" else name.rsplit("-s", 1)[0]
         cl_dir, lb_dir = (os.path.join(run, "cloze"), os.path.join(run, "labels")) if method == "base" else (run, os.path.join(run, "labels"))
-        if not (os.path.exists(os.path.join(cl_dir, "wall.json")) and os.path.exists(os.path.join(lb_dir, "wall.json"))):
+        if not os.path.exists(os.path.join(cl_dir, "wall.json")):
             continue
         r = res.setdefault(method, {"cloze": {}, "cloze_norm": {}, "labels": {}, "wall_s": [], "loss": []})
-        cl, lb = metrics(final_predictions(cl_dir)), metrics(final_predictions(lb_dir))
+        cl = metrics(final_predictions(cl_dir))
         for t in cl:
             r["cloze"].setdefault(t, []).append(cl[t]["acc"])
             r["cloze_norm"].setdefault(t, []).append(cl[t]["acc_norm"])
-            r["labels"].setdefault(t, []).append(lb[t]["acc"])
+        if os.path.exists(os.path.join(lb_dir, "wall.json")):                   # only the --labels-seeds
+            for t, m in metrics(final_predictions(lb_dir)).items():
+                r["labels"].setdefault(t, []).append(m["acc"])
         r["baselines"] = {t: (cl[t]["chance"], cl[t]["majority"], cl[t]["n"]) for t in cl}
         r["wall_s"].append(json.load(open(os.path.join(cl_dir, "wall.json")))["wall_s"])
         log = os.path.join(run, "log.jsonl")
         if os.path.exists(log):
             r["loss"].append([(x["step"], x["loss"]) for x in map(json.loads, open(log)) if "loss" in x])
-    return res
+    order = ["base", "lora", "dora", "mixlora", "lora-match"]                   # the table's row order
+    return dict(sorted(res.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def table(res, params):
@@ -222,7 +230,9 @@ def table(res, params):
         lines.append("| chance / majority | | | | " + " | ".join(
             f"{100 * base[t][0]:.1f} / {100 * base[t][1]:.1f}" for t in tasks) + " | |")
         for method, r in res.items():
-            seeds = len(r["wall_s"])
+            seeds = len(r[fmt].get(tasks[0], []))                     # runs evaluated in this format
+            if not seeds:
+                continue
             avg = [sum(r[fmt][t][s] for t in tasks) / len(tasks) for s in range(seeds)]
             cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in (mean_std(r[fmt][t]) for t in tasks)]
             w = mean_std([x / 60 for x in r["wall_s"]])
@@ -246,7 +256,9 @@ def plot(res, path):
     width = 0.8 / len(res)
     for ax, fmt in zip(axes[:2], ("cloze", "labels")):
         for i, (method, r) in enumerate(res.items()):
-            seeds = len(r["wall_s"])
+            seeds = len(r[fmt].get(tasks[0], []))                     # runs evaluated in this format
+            if not seeds:
+                continue
             per = [r[fmt][t] for t in tasks[:-1]] + [[sum(r[fmt][t][s] for t in tasks[:-1]) / (len(tasks) - 1)
                                                        for s in range(seeds)]]
             ms = [mean_std(v) for v in per]

@@ -3965,3 +3965,20 @@ def test_study_report_from_predictions(tmp_path):
     pytest.importorskip("matplotlib")
     study.plot(res, str(tmp_path / "study.png"))
     assert os.path.getsize(tmp_path / "study.png") > 10000
+
+
+def test_study_labels_for_some_seeds(tmp_path):
+    """With --labels-seeds 0 the plan runs seed by seed and evaluates labels only for seed 0; the labels table counts those runs."""
+    study = pytest.importorskip("study")
+    write_tiny_checkpoint(tmp_path / "m")
+    runs = study.plan(study.parser.parse_args(["--model", str(tmp_path / "m"), "--out", "S", "--methods", "lora,dora",
+                                               "--seeds", "0,1", "--labels-seeds", "0"]))
+    assert [os.path.relpath(out, "S") for out, _ in runs] == [
+        "lora-s0", "lora-s0/labels", "dora-s0", "dora-s0/labels", "lora-s1", "dora-s1"]
+    for seed, a in enumerate([0.6, 0.8]):
+        fake_run(tmp_path / f"dora-s{seed}", {"arc-e": a}, [2.0, 1.0])
+    fake_run(tmp_path / "dora-s0" / "labels", {"arc-e": 0.3}, None, norm=False)
+    res = study.collect(study.parser.parse_args(["--out", str(tmp_path)]))
+    assert res["dora"]["cloze"]["arc-e"] == [0.6, 0.8] and res["dora"]["labels"]["arc-e"] == [0.3]
+    md = study.table(res, {"dora": 5e6})
+    assert "| dora | 5.00M | 2 | 1.0 ± 0.0 | 70.0 ± 14.1 |" in md and "| dora | 5.00M | 1 | 1.0 ± 0.0 | 30.0 ± 0.0 |" in md
