@@ -68,9 +68,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
+import guards
 import kernels
 import llama
 import losses
+import tokenizer
 
 B, T = 4, 256                 # training / forward batch
 PROMPT, NEW = 64, 64          # generation: prompt length, new tokens
@@ -396,7 +398,7 @@ def multi_tokens(model, path):
     """Training tokens (padding excluded) of one adapter in the multi-* rows: the examples of each step as
     data.step_indices draws them (seed 42, train.py's default) from the file in order (--eval-data given)."""
     import data
-    tok = llama.load_tokenizer(model)
+    tok = tokenizer.load_tokenizer(model)
     enc = [data.encode(tok, e, 512) for e in data.load_data(path, tok)]
     return sum(len(enc[j]["ids"]) for s in range(MULTI_STEPS) for j in data.step_indices(len(enc), s, MULTI_BATCH, 42))
 
@@ -483,7 +485,7 @@ def print_table(res, header, variants):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark the Llama, generation, loading and the adapters side by side.",
-                                 formatter_class=llama.HelpFormatter)
+                                 formatter_class=guards.HelpFormatter)
     ap.add_argument("--model", help="checkpoint folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct, "
                     "fetched once, see checkpoints.py)")
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes, e.g. forward,train-mixlora,load")

