@@ -332,10 +332,12 @@ class FastLoRALinear(lora.LoRALinear):
     """lora.LoRALinear whose CPU fp32 product with a frozen base is lora_linear (DoRA's rescaling and
     bias are applied after it, as in the plain forward); any other case runs the plain forward."""
 
-    def forward(self, x):  # x: (..., d_in) -> (..., d_out)
+    def forward(self, x, wx=None):  # x: (..., d_in) -> (..., d_out); wx = W0 x computed by the caller (multi.py)
         W, b, A = self.base.weight, self.base.bias, self.lora_A
         drop = self.dropout
         sparse = isinstance(drop, Dropout) or not drop.training or drop.p == 0  # a mask lora_linear can take
+        if wx is not None:
+            return super().forward(x, wx)
         if (self.merged or not sparse or x.device.type != "cpu" or not x.dtype == W.dtype == A.dtype == torch.float32
                 or W.requires_grad or (b is not None and b.requires_grad) or torch.is_autocast_enabled("cpu")):
             return super().forward(x)

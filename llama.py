@@ -314,7 +314,10 @@ class LlamaForCausalLM(nn.Module):
         aux = []
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
-                x, a = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, token_mask, use_reentrant=False)
+                # context_fn: a model whose modules keep their own random streams replays them (multi.py)
+                ctx = getattr(self, "checkpoint_context", torch.utils.checkpoint.noop_context_fn)
+                x, a = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, token_mask,
+                                                         use_reentrant=False, context_fn=ctx)
             else:
                 x, a = layer(x, cos, sin, mask, cache, i, token_mask)
             aux.append(a)

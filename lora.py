@@ -187,13 +187,16 @@ class LoRALinear(nn.Module):
         """s B A (d_out, d_in) fp32, the weight update that merging adds to W0."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def forward(self, x):  # x: (..., d_in) -> (..., d_out)
+    def forward(self, x, wx=None):  # x: (..., d_in) -> (..., d_out); wx = W0 x when already computed (multi.py)
         if self.merged:
             return self.base(x)
         A, B, s, W, b = self.lora_A, self.lora_B, self.scaling, self.base.weight, self.base.bias
         h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r) A drop(x), in the adapter's fp32
         # W0 x + b for LoRA (the wrapped layer itself); W0 x for DoRA, whose bias comes after the rescaling
-        y = F.linear(x, W) if self.use_dora and b is not None else self.base(x)  # (..., d_out)
+        if wx is None:
+            y = F.linear(x, W) if self.use_dora and b is not None else self.base(x)  # (..., d_out)
+        else:
+            y = wx if self.use_dora or b is None else wx + b
         y = y + F.linear(h * s, B).to(y.dtype)  # bf16 base: the fp32 LoRA product is rounded once
         if self.use_dora:
             scale = self.magnitude / self.weight_norm()  # (d_out,) m / ||W0 + sBA||, n detached

@@ -230,11 +230,13 @@ class MoELoRALinear(nn.Module):
         self.dropout = nn.Dropout(lora_dropout)  # returns x itself at p = 0 and in eval()
         self.routing = None  # (logits, weights, selected) of the last forward, handed out by the layer's hook
 
-    def forward(self, x):  # x: (..., d_in) -> (..., d_out)
+    def forward(self, x, wx=None):  # x: (..., d_in) -> (..., d_out); wx = W0 x when already computed (multi.py)
         x2 = x.reshape(-1, x.shape[-1])                                     # (N, d_in)
         logits, w, selected = self.moe_gate(x2)                             # (N, E) fp32, fp32, bool
         self.routing = (logits, w, selected)
-        y = self.base(x2)                                                   # (N, d_out) W0 x + b
+        y = self.base(x2) if wx is None else wx.reshape(x2.shape[0], -1)    # (N, d_out) W0 x (+ b)
+        if wx is not None and self.base.bias is not None:
+            y = y + self.base.bias
         delta = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # (N, d_out) sum_e w_e s B_e A_e x
         for e, ex in enumerate(self.experts):
             t = w[:, e].nonzero().squeeze(1)                                # (n_e,) tokens routed to e

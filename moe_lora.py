@@ -42,6 +42,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -226,6 +227,18 @@ class ExpertProjection(nn.Module):
 # The MixLoRA FFN with the optional Select-MoE quality gate
 
 
+class Routing(NamedTuple):
+    """One MixLoRA FFN's routing of N tokens: router outputs (N, E), the S (expert, token) slots sorted
+    by expert (tok (S,), weights w (S,)), tokens per expert (E ints), sum of the weights per token (N,)."""
+    logits: torch.Tensor
+    weights: torch.Tensor
+    selected: torch.Tensor
+    tok: torch.Tensor
+    w: torch.Tensor
+    counts: list
+    wsum: torch.Tensor
+
+
 class MixLoRAFFN(nn.Module):
     """Drop-in replacement of a LlamaMLP: y = sum_e w_e(u) expert_e(u), optionally gated (Select-MoE).
 
@@ -245,7 +258,8 @@ class MixLoRAFFN(nn.Module):
           paper's own algorithm (sec. 3.3 and Table 6: the shared base FFN computed once), not speed
           plumbing, so it lives here in plain PyTorch rather than in kernels.py. forward takes the
           per-expert loop only where the algebra needs it: down_proj experts with DoRA (m_e / n_e breaks
-          the linearity).
+          the linearity). Its three steps (base gate/up products, grouped_hidden, grouped_down on W_down h)
+          are separate methods so that multi.py can compute each base product once for several adapters.
 
     Quality gate (Select-MoE sec. 1.2): s_q = quality_gate(u) (B, T) fp32, init N(mean, std) from the
     config (NOTE: the reference overwrites that init with N(0, 0.02) in post_init; here it takes effect),
@@ -303,17 +317,26 @@ class MixLoRAFFN(nn.Module):
     def forward(self, u, token_mask=None):
         B, T, D = u.shape
         x = u.reshape(B * T, D)                                             # (N, D)
+        r = self.route(u, token_mask)
+        if self.down_proj.use_dora:
+            y = self.per_expert_forward(x, r.tok, r.w, r.counts)
+        else:
+            y = self.grouped_forward(x, r)
+        return self.gated(u, y.view(B, T, D), r)
+
+    def route(self, u, token_mask=None):
+        """The routing of u (B, T, D) as a Routing: router outputs, the (expert, token) slots sorted by
+        expert, their weights, tokens per expert, sum of the weights per token. Padding gets no slot."""
         logits, weights, selected = self.moe_gate(u, token_mask)            # (N, E) fp32, fp32, bool
         routed = weights if token_mask is None else weights * token_mask.reshape(-1, 1)  # padding -> 0
         exp, tok = routed.t().nonzero(as_tuple=True)                        # (S,), (S,) sorted by expert
         w = weights[tok, exp].to(u.dtype)                                   # (S,) differentiable weights
         counts = torch.bincount(exp, minlength=self.num_experts).tolist()   # tokens per expert (1 sync)
-        if self.down_proj.use_dora:
-            y = self.per_expert_forward(x, tok, w, counts)
-        else:
-            y = self.grouped_forward(x, tok, w, counts, routed.sum(-1))
-        y = y.view(B, T, D)
-        aux = {"router_logits": logits, "router_weights": weights, "router_selected": selected}
+        return Routing(logits, weights, selected, tok, w, counts, routed.sum(-1))
+
+    def gated(self, u, y, r):
+        """(y, aux): the quality gate applied to the experts' output y (B, T, D), and the router outputs."""
+        aux = {"router_logits": r.logits, "router_weights": r.weights, "router_selected": r.selected}
         if self.quality_gate is not None:
             with torch.autocast(u.device.type, enabled=False):              # the gate logit stays fp32
                 s = self.quality_gate(u.to(self.quality_gate.weight.dtype)).squeeze(-1)  # (B, T)
@@ -332,26 +355,35 @@ class MixLoRAFFN(nn.Module):
                 y.index_add_(0, t, (self.down_proj(a, e) * we[:, None]).float())  # (n_e, D)
         return y.to(x.dtype)
 
-    def grouped_forward(self, x, tok, w, counts, wsum):
-        """Shared base gate/up once, per-expert LoRA deltas only, base down once on sum_e w_e a_e."""
-        # index_select, not x[tok]: its backward is an index_add, several times faster than index_put
-        G = F.linear(x, self.gate_proj.weight).index_select(0, tok)         # (S, I) W_gate x, gathered once
-        U = F.linear(x, self.up_proj.weight).index_select(0, tok)           # (S, I)
-        xs = x.index_select(0, tok)                                         # (S, D)
+    def grouped_forward(self, x, r):
+        """Shared base gate/up once, per-expert LoRA deltas only, base down once on sum_e w_e a_e.
+        multi.py runs the same three steps with base products shared by several adapters."""
+        G, U = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)  # (N, I) W_gate x, W_up x
+        h, d = self.grouped_hidden(x, r, G, U)
+        return self.grouped_down(r, F.linear(h, self.down_proj.weight), d)
+
+    def grouped_hidden(self, x, r, G, U):
+        """h = sum_e w_e a_e (N, I) from x (N, D) and the base products G = W_gate x, U = W_up x (N, I),
+        and the down projection's LoRA deltas of the slots, d (list of (n_e, D))."""
+        tok, counts = r.tok, r.counts
+        # index_select, not G[tok]: its backward is an index_add, several times faster than index_put
+        G, U, xs = G.index_select(0, tok), U.index_select(0, tok), x.index_select(0, tok)  # (S, I), (S, I), (S, D)
         h = torch.zeros(x.shape[0], G.shape[1], dtype=G.dtype, device=x.device)  # (N, I) sum_e w_e a_e
         d = []                                                              # down LoRA deltas
         for e, (t, xe, ge, ue, we) in enumerate(zip(tok.split(counts), xs.split(counts), G.split(counts),
-                                                    U.split(counts), w.split(counts))):
+                                                    U.split(counts), r.w.split(counts))):
             if len(t):
                 a = self.act(self.gate_proj(xe, e, ge)) * self.up_proj(xe, e, ue) * we[:, None]  # (n_e, I) w_e a_e
                 h.index_add_(0, t, a.to(h.dtype))                           # autocast: a may be fp32
                 if self.down_proj.experts:  # w s B A drop(a) = s B A drop(w a): a row scale passes dropout
                     d.append(self.down_proj.delta(a, e))                    # (n_e, D)
-        y = F.linear(h, self.down_proj.weight)                              # (N, D) W_down sum_e w_e a_e
-        if self.down_proj.bias is not None:
-            y = y + wsum[:, None].to(y.dtype) * self.down_proj.bias         # sum_e w_e b
+        return h, d
+
+    def grouped_down(self, r, Wh, d):
+        """y (N, D) = W_down h + sum_e w_e b + the slots' down deltas d, from Wh = W_down h (N, D)."""
+        y = Wh if self.down_proj.bias is None else Wh + r.wsum[:, None].to(Wh.dtype) * self.down_proj.bias
         if d:
-            y = y.index_add(0, tok, torch.cat(d).to(y.dtype))               # (N, D)
+            y = y.index_add(0, r.tok, torch.cat(d).to(y.dtype))             # (N, D)
         return y
 
 

@@ -1473,7 +1473,7 @@ def trainable_grads(module):
 
 def per_expert_loop(ffn):
     """Make ffn compute its experts with the reference's per-expert loop instead of grouped_forward."""
-    ffn.grouped_forward = lambda x, tok, w, counts, wsum: ffn.per_expert_forward(x, tok, w, counts)
+    ffn.grouped_forward = lambda x, r: ffn.per_expert_forward(x, r.tok, r.w, r.counts)
     return ffn
 
 
@@ -2734,13 +2734,110 @@ def test_multi_adapter_ddp(ckpt, tmp_path):
         torch.testing.assert_close(torch.tensor(two[name]), torch.tensor(one[name]["loss"]), rtol=1e-5, atol=1e-5)
 
 
+def test_multi_adapter_base_products_once(ckpt):
+    """In a forward of K adapters (LoRA, DoRA, MixLoRA), every frozen projection weight W0 enters exactly
+    one product, over all K slices of rows (gate/up on the layer input, down on every adapter's hidden)."""
+    model = llama.from_pretrained(ckpt)
+    cfgs = {"lora": LoraConfig(r=4, target_modules="all-linear"), "dora": LoraConfig(r=2, use_dora=True),
+            "mix": MixLoRAConfig(r=4, num_experts=3)}
+    multi.add_adapters(model, cfgs, seed=0)
+    weights = {p.data_ptr(): n for n, p in model.model.layers.named_parameters() if p.ndim == 2 and not p.requires_grad}
+    calls = {}
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear and args[1].data_ptr() in weights:
+                calls[args[1].data_ptr()] = calls.get(args[1].data_ptr(), []) + [args[0].shape[0]]
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(4, 40, (2, 5))
+    with Count(), torch.no_grad():
+        model(ids.repeat(3, 1))
+    assert len(calls) == 7 * len(model.model.layers)  # q, k, v, o, gate, up, down of every layer
+    for ptr, rows in calls.items():  # one product; the rows of all 3 adapters (2 rows x 5 tokens for down)
+        assert rows in ([6], [30]), (weights[ptr], rows)
+
+
+class TestMultiAdapterFeatures:
+    """Features that work with several adapters as with one: checkpointing, bf16, heads, --eval-only."""
+
+    def alone_and_together(self, ckpt, tmp_path, d, specs, *flags):
+        """({name: history} trained together, {name: history} each trained alone), same flags."""
+        together = run(ckpt, tmp_path / "multi", "--data", d, *flags, "--adapter", ",".join(specs))["adapters"]
+        alone = {n: run(ckpt, tmp_path / n, "--data", d, *flags, "--adapter", spec)
+                 for n, spec in zip(together, specs)}
+        return together, alone
+
+    def test_gradient_checkpointing(self, ckpt, tmp_path):
+        """With --gradient-checkpointing (which recomputes every layer in the backward, dropout 0.1), each of
+        several adapters gets the losses and final weights it gets without checkpointing."""
+        d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
+        flags = ["--data", d, "--steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--lora-dropout", "0.1",
+                 "--adapter", "lora,dora:r=2,mixlora:num_experts=3"]
+        plain = run(ckpt, tmp_path / "plain", *flags)["adapters"]
+        ckpt_run = run(ckpt, tmp_path / "ckpt", *flags, "--gradient-checkpointing")["adapters"]
+        for name in plain:
+            torch.testing.assert_close(torch.tensor(ckpt_run[name]["loss"]), torch.tensor(plain[name]["loss"]),
+                                       rtol=1e-5, atol=1e-6)
+            a, b = (saved_adapter_tensors(tmp_path / w / name / "last") for w in ("plain", "ckpt"))
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    def test_bf16_autocast(self, ckpt, tmp_path):
+        """Under bf16 autocast each of several adapters gets the losses of training it alone (bf16 rounding)."""
+        d = write_jsonl(tmp_path / "d.jsonl", sft_rows(8))
+        together, alone = self.alone_and_together(ckpt, tmp_path, d, ["lora", "mixlora:num_experts=3"],
+                                                  "--steps", "2", "--batch-size", "4", "--dtype", "bfloat16")
+        for name, h in alone.items():
+            torch.testing.assert_close(torch.tensor(together[name]["loss"]), torch.tensor(h["loss"]), rtol=2e-2, atol=2e-2)
+
+    def test_classification_heads(self, ckpt, tmp_path):
+        """Several adapters on classification data each train their own head, with the losses, evaluations
+        and head weights of training alone."""
+        words = ["great movie", "bad film", "good cat", "awful dog", "great dog", "bad cat"]
+        d = write_jsonl(tmp_path / "s.jsonl", [{"sentence": w, "label": i % 2} for i, w in enumerate(words * 2)])
+        together, alone = self.alone_and_together(ckpt, tmp_path, d, ["lora", "mixlora:num_experts=3"],
+                                                  "--eval-data", d, "--steps", "2", "--batch-size", "4")
+        for name, h in alone.items():
+            torch.testing.assert_close(torch.tensor(together[name]["loss"]), torch.tensor(h["loss"]), rtol=1e-5, atol=1e-6)
+            assert together[name]["eval"][-1]["s.jsonl"]["accuracy"] == h["eval"][-1]["s.jsonl"]["accuracy"]
+        key = "base_model.model.score.weight"
+        mine, own = (saved_adapter_tensors(tmp_path / w / "last")[key] for w in ("multi/lora", "lora"))
+        torch.testing.assert_close(mine, own, rtol=1e-5, atol=1e-6)
+
+    def test_eval_only_several_adapter_paths(self, ckpt, tmp_path, capsys):
+        """--eval-only --adapter-path A,B evaluates each folder on the one base as --adapter-path A alone
+        does, and prints one results table."""
+        d = write_jsonl(tmp_path / "d.jsonl", sft_rows(8))
+        folders = []
+        for i, cfg in enumerate([LoraConfig(r=4, use_dora=True), MixLoRAConfig(r=4, num_experts=3)]):
+            model = inject_adapter(llama.from_pretrained(ckpt), cfg)
+            torch.manual_seed(i)
+            for p in model.parameters():
+                if p.requires_grad and p.ndim == 2:
+                    torch.nn.init.normal_(p, std=0.1)
+            save_adapter(model, str(tmp_path / f"a{i}"))
+            folders.append(str(tmp_path / f"a{i}"))
+        flags = ["--model", ckpt, "--eval-data", d, "--eval-only", "--device", "cpu", "--out", str(tmp_path / "o")]
+        both = train.main(flags + ["--adapter-path", ",".join(folders)])["eval"]
+        assert "| adapter |" in capsys.readouterr().out
+        for f in folders:
+            alone = train.main(flags + ["--adapter-path", f])["eval"]
+            assert both[f]["d.jsonl"]["loss"] == pytest.approx(alone["d.jsonl"]["loss"], rel=1e-6)
+        assert both[folders[0]]["d.jsonl"]["loss"] != pytest.approx(both[folders[1]]["d.jsonl"]["loss"], rel=1e-3)
+        assert (tmp_path / "o" / "predictions" / "2").is_dir()
+
+
 @pytest.mark.parametrize("flags,words", [
     (["--adapter", "lora,lora"], "two adapters are named 'lora'"),
     (["--adapter", "lora,lorax"], "unknown adapter 'lorax'"),
     (["--adapter", "lora,dora:max_len=8"], "'max_len=8' is not key=value with a per-adapter key"),
     (["--adapter", "lora,dora:r=x"], "r: invalid literal"),
     (["--adapter", "lora,dora:r=999"], "adapter 'dora': r=999"),
-    (["--adapter", "lora,mixlora", "--gradient-checkpointing"], "--gradient-checkpointing works with one adapter"),
+    (["--adapter", "lora,mixlora", "--warmup"], "--warmup works with one adapter"),
+    (["--adapter", "lora,mixlora", "--eval-only"], "--adapter-path A,B"),
+    (["--adapter", "lora,mixlora", "--adapter-path", "a"], "training several loaded adapters further is not"),
+    (["--adapter-path", "a,b"], "several folders are for --eval-only"),
 ])
 def test_multi_adapter_errors(ckpt, tmp_path, flags, words):
     """Duplicate names, unknown kinds or keys, a setting that cannot differ between adapters (they share

@@ -180,7 +180,8 @@ arg("--overwrite", action="store_true", help="replace the run already in --out (
   "used --out is refused)")
 arg("--eval-only", action="store_true", help="only evaluate (the base model, or --adapter-path) and exit")
 arg("--adapter-path", help="adapter folder (a run's best/ or last/, or PEFT/MixLoRA files): evaluated with "
-  "--eval-only, warmed up with --warmup, else trained further; its kind and settings come from its files (the "
+  "--eval-only (several, comma-separated: each evaluated on the one base, then one table), warmed up with "
+  "--warmup, else trained further; its kind and settings come from its files (the "
   "adapter flags left at their defaults take the file's values; one set to a different value is an error)")
 # Select-MoE: stage 1 warm-up here, then selection.py --score / --select
 arg("--quality-gate", action="store_true", help="add a Select-MoE quality gate g and trash expert to every MixLoRA FFN")
@@ -648,6 +649,11 @@ def add_adapter(run):
     warm-up), or a fresh one; then mark what trains. Several --adapter: add_adapters."""
     args, model = run.args, run.model
     specs = parse_adapters(args)
+    if len(adapter_paths(args)) > 1:
+        if not args.eval_only:
+            raise ValueError(f"--adapter-path {args.adapter_path}: several folders are for --eval-only (training "
+                             "several loaded adapters further is not implemented)")
+        return load_adapters(run, adapter_paths(args))
     if len(specs) > 1:
         return add_adapters(run, specs)
     vars(args).update(vars(specs[0][1]))  # one adapter: its overrides are simply the run's flags
@@ -698,11 +704,13 @@ def add_adapters(run, specs):
     """---- 3 (several adapters). Each fresh adapter is built as it would be alone (same seed, same init),
     on one shared frozen base (multi.add_adapters); run.base keeps the base alone for the step-0 evaluation."""
     args = run.args
-    for flag, given in (("--eval-only", args.eval_only), ("--adapter-path", args.adapter_path),
-                        ("--warmup", args.warmup), ("--quality-gate", args.quality_gate),
-                        ("--gradient-checkpointing", args.gradient_checkpointing)):
-        if given:  # checkpointing replays the global generator, not the adapters' own streams (multi.py)
-            raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)}")
+    for flag, given, why in (
+            ("--eval-only", args.eval_only, "to evaluate several, give their folders: --adapter-path A,B"),
+            ("--adapter-path", args.adapter_path, "training several loaded adapters further is not implemented"),
+            ("--warmup", args.warmup, "the Select-MoE warm-up trains one MixLoRA adapter's quality gates"),
+            ("--quality-gate", args.quality_gate, "give it to one adapter's run (its quality-loss flags are the run's)")):
+        if given:
+            raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)} ({why})")
 
     def add_head(view, name):  # each adapter its own classification head, initialised as it would be alone
         if run.kind == "cls":
@@ -719,6 +727,44 @@ def add_adapters(run, specs):
             + f" trainable; device {run.device}, {'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)"
             + (f" x {args.threads} threads" if args.threads else ""))
     run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(run.model))
+
+
+def adapter_paths(args):
+    """The --adapter-path folders: one, or several separated by commas (--eval-only)."""
+    return args.adapter_path.split(",") if args.adapter_path else []
+
+
+def load_adapters(run, paths):
+    """---- 3 (--eval-only with several --adapter-path). Each adapter is loaded from its files onto its own
+    view of the one frozen base (multi.load_views), as training evaluates them."""
+    run.adapters = []
+    for i, (path, view) in enumerate(multi.load_views(run.model, paths).items()):
+        if run.kind == "cls" and getattr(view, "score", None) is None:
+            raise ValueError(f"{path}: classification data needs an adapter with a classification head")
+        if run.kind == "cls":
+            data.check_labels([x for v in run.evals.values() for x in v], view.score.out_features, f"the head of {path}")
+        if not run.args.no_accelerate:
+            kernels.accelerate(view)
+        run.adapters.append(Trainee(path, run.args, view.to(run.device), os.path.join(run.args.out, "predictions", f"{i + 1}")))
+
+
+def evaluate_only(run):
+    """---- --eval-only: the model (the base, or --adapter-path), or each of several --adapter-path folders
+    and then one results table; predictions/ (predictions/N for the N-th folder) is all it writes."""
+    args = run.args
+    if len(adapter_paths(args)) < 2:
+        folder = os.path.join(args.out, "predictions")
+        results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx, folder) if run.rank == 0 else {}
+        run.log(format_results(results))
+        return {"eval": results}
+    out = {}
+    for t in run.adapters if run.rank == 0 else ():
+        out[t.name] = evaluate(t.model, run.tok, run.evals, args, run.device, run.ctx, t.out)
+        run.log(f"{t.name}: {format_results(out[t.name])}")
+        t.history["eval"].append(out[t.name])
+    if out:
+        run.log(results_table(run))
+    return {"eval": out}
 
 
 def encode_training_set(run, train_items):
@@ -1126,10 +1172,7 @@ def main(argv=None):
         train_items = load_model_and_data(run)
         add_adapter(run)
         if args.eval_only:  # the one mode that does not train
-            folder = os.path.join(args.out, "predictions")
-            results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx, folder) if run.rank == 0 else {}
-            run.log(format_results(results))
-            return {"eval": results}
+            return evaluate_only(run)
         enc = encode_training_set(run, train_items)
         make_optimizer(run)
         resume(run)
