@@ -531,6 +531,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
     print_table(res, header, args.variants)
+    print("# load average at the end: {:.1f} {:.1f} {:.1f} (1, 5, 15 min)".format(*os.getloadavg()))
     if bench.summaries:
         print(f"# {args.variants[-1]}, train-lora row: {bench.summaries.get('train-lora', next(iter(bench.summaries.values())))}")
     if args.json:
