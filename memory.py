@@ -12,6 +12,9 @@ SmolLM2-135M (fp32, dropout 0.05), it over-estimates rather than under-estimates
 Checked by test_micro_batch_from_budget: a budget under one example is refused, a larger one gives the
 largest divisor that fits, and the run equals one with that --micro-batch-size.
 """
+import math
+import os
+
 import torch
 
 BUDGET_FRACTION = 0.8      # of the memory free after loading; the rest for the allocator and the OS
@@ -68,3 +71,33 @@ def choose_micro_batch(per_process, tokens, per_token, fixed, budget):
                          f"memory budget of {budget / 1e9:.2f} GB: lower --max-len, add --gradient-checkpointing "
                          "or raise --memory-budget")
     return max(m for m in range(1, per_process + 1) if per_process % m == 0 and fixed + m * tokens * per_token <= budget)
+
+
+def plan_micro_batch(run, tokens):
+    """train.py's micro-batch (stage 4b): --micro-batch-size as given (with a warning when it exceeds the
+    budget), else the largest that fits the budget (choose_micro_batch); said before training starts, and a
+    run whose one example does not fit is refused. tokens: the longest training example's."""
+    args = run.args
+    per_process = math.ceil(args.batch_size / run.world)
+    # several adapters (multi.py) run every row once per adapter: their per-token figures add up
+    per_token = sum(bytes_per_token(run.model.config, t.model.adapter_config, run.bf16,
+                                           args.gradient_checkpointing) for t in run.adapters)
+    fixed = fixed_bytes(run.model, run.model.config.vocab_size)
+    budget, source = args.memory_budget * 1e9, "--memory-budget"
+    if not budget:
+        free = available_memory(run.device, int(os.environ.get("LOCAL_WORLD_SIZE", run.world)))
+        budget, source = (BUDGET_FRACTION * free if free else 0), "80% of the free memory"
+    need = lambda m: (fixed + m * tokens * per_token) / 1e9                    # GB, estimated
+    if args.micro_batch_size:
+        if budget and need(args.micro_batch_size) > budget / 1e9:
+            run.log(f"warning: --micro-batch-size {args.micro_batch_size} of up to {tokens} tokens needs about "
+                    f"{need(args.micro_batch_size):.1f} GB, more than {budget / 1e9:.1f} GB ({source}): it may not fit")
+        return
+    if not budget:
+        args.micro_batch_size = per_process
+        run.log(f"micro-batch {per_process} (the free memory is unknown here; --micro-batch-size to choose)")
+        return
+    args.micro_batch_size = m = choose_micro_batch(per_process, tokens, per_token, fixed, budget)
+    run.log(f"micro-batch {m} of {per_process} examples per step: up to {tokens} tokens x {per_token / 1e6:.2f} MB "
+            f"+ {fixed / 1e9:.2f} GB = {need(m):.1f} GB estimated, within {budget / 1e9:.1f} GB ({source}); "
+            "--micro-batch-size to choose")

@@ -40,7 +40,7 @@ import torch
 
 import data
 import llama
-import train
+import options
 from lora import LoraConfig, inject_lora, mark_trainable
 from moe_lora import MixLoRAConfig, inject_adapter
 
@@ -78,7 +78,7 @@ arg("--dry-run", action="store_true", help="print the commands and exit")
 
 def count_trainable(model_path, method_args):
     """Trainable parameters of an adapter, counted on a meta-device model (no weights are read)."""
-    args = train.parser.parse_args(["--model", model_path] + method_args)   # train.py's defaults for the rest
+    args = options.parser.parse_args(["--model", model_path] + method_args)   # train.py's defaults for the rest
     common = dict(r=args.r, lora_alpha=args.lora_alpha, target_modules=args.target_modules.split(","))
     with torch.device("meta"):
         model = llama.LlamaForCausalLM(llama.LlamaConfig.from_json(os.path.join(model_path, "config.json")))

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import checkpoints
 import cloze
 import data
+import evaluation
 import generate
 import guards
 import kernels
@@ -41,6 +42,8 @@ import lora
 import losses
 import memory
 import multi
+import options
+import resume
 import routers
 import selection
 import tokenizer
@@ -2401,8 +2404,8 @@ def test_scoring_restricted_to_own_options(ckpt):
     scores[tok.encode("B", add_bos=False)[0]] = 3.0
     q = [data.Example("which is x ?\nAnswer:", " B", "choice", ("A", "B"), 1, task="t"),
          data.Example("which is y ?\nAnswer:", " C", "choice", ("A", "B", "C", "D"), 2, task="t")]
-    args = train.parser.parse_args(["--max-len", "64"])
-    r = train.evaluate(LastTokenStub(scores), tok, {"t": q}, args, "cpu", train.nullcontext())["t"]
+    args = options.parser.parse_args(["--max-len", "64"])
+    r = evaluation.evaluate(LastTokenStub(scores), tok, {"t": q}, args, "cpu", train.nullcontext())["t"]
     assert r["accuracy"] == 1.0 and r["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
 
 
@@ -2410,29 +2413,29 @@ def test_scoring_restricted_to_own_options(ckpt):
 def test_cli_adapter_config_equals_the_api_default(strategy):
     """train.py --adapter S builds exactly MixLoRAConfig(routing_strategy=S) (the z-loss for Switch only);
     a flag given overrides the strategy's default."""
-    cfg = train.adapter_config(train.parser.parse_args(["--adapter", strategy]))
+    cfg = options.adapter_config(options.parser.parse_args(["--adapter", strategy]))
     assert cfg == MixLoRAConfig(routing_strategy=strategy)
     assert (cfg.router_z_loss_coef > 0) == (strategy == "mixlora-switch")
-    cfg = train.adapter_config(train.parser.parse_args(["--adapter", strategy, "--router-z-loss-coef", "0.5",
+    cfg = options.adapter_config(options.parser.parse_args(["--adapter", strategy, "--router-z-loss-coef", "0.5",
                                                         "--jitter-noise", "0.2"]))
     assert cfg == MixLoRAConfig(routing_strategy=strategy, router_z_loss_coef=0.5, jitter_noise=0.2)
 
 
 def test_cli_loramoe_mola_configs_equal_the_api_defaults():
     """train.py --adapter loramoe / mola build LoRAMoEConfig() / MoLAConfig(); their flags reach the config."""
-    parse = train.parser.parse_args
-    assert train.adapter_config(parse(["--adapter", "loramoe"])) == LoRAMoEConfig()
-    assert train.adapter_config(parse(["--adapter", "mola"])) == MoLAConfig()
-    cfg = train.adapter_config(parse(["--adapter", "mola", "--layer-experts", "2,4", "--top-k", "1",
+    parse = options.parser.parse_args
+    assert options.adapter_config(parse(["--adapter", "loramoe"])) == LoRAMoEConfig()
+    assert options.adapter_config(parse(["--adapter", "mola"])) == MoLAConfig()
+    cfg = options.adapter_config(parse(["--adapter", "mola", "--layer-experts", "2,4", "--top-k", "1",
                                       "--router-aux-loss-coef", "0.01", "--router-init-range", "1.0"]))
     assert cfg == MoLAConfig(num_experts=[2, 4], top_k=1, router_aux_loss_coef=0.01, router_init_range=1.0)
-    cfg = train.adapter_config(parse(["--adapter", "loramoe", "--blc-weight", "0.1", "--blc-alpha", "0.1",
+    cfg = options.adapter_config(parse(["--adapter", "loramoe", "--blc-weight", "0.1", "--blc-alpha", "0.1",
                                       "--blc-knowledge", "arc-e"]))
     assert cfg == LoRAMoEConfig(blc_weight=0.1, blc_alpha=0.1)
     with pytest.raises(ValueError, match="--layer-experts"):
-        train.adapter_config(parse(["--adapter", "mola", "--layer-experts", "2,x"]))
+        options.adapter_config(parse(["--adapter", "mola", "--layer-experts", "2,x"]))
     with pytest.raises(ValueError, match="--blc-knowledge"):
-        train.adapter_config(parse(["--adapter", "loramoe", "--blc-weight", "0.1"]))
+        options.adapter_config(parse(["--adapter", "loramoe", "--blc-weight", "0.1"]))
 
 
 def test_demo_task_disjoint():
@@ -2915,9 +2918,9 @@ def test_killed_during_the_final_evaluation_resumes_and_writes_best(ckpt, tmp_pa
 
 def test_save_minutes_writes_checkpoints_by_time(ckpt, tmp_path, monkeypatch):
     """--save-minutes writes out/checkpoint once that much training time has passed; 0 writes it only at the end."""
-    steps, real = [], train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, model, opt, step, *a: steps.append(step) or
-                        real(path, model, opt, step, *a))
+    steps, real = [], resume.save_checkpoint
+    monkeypatch.setattr(resume, "save_checkpoint", lambda path, t, step, *a: steps.append(step) or
+                        real(path, t, step, *a))
     run(ckpt, tmp_path / "a", "--adapter", "lora", "--steps", "3", "--max-eval", "4", "--save-minutes", "1e-9")
     assert steps == [1, 2, 3, 3]
     steps.clear()
