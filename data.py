@@ -25,7 +25,7 @@ Data formats, detected from the keys of each record (a JSON list, or JSONL with 
 
 Reference: MixLoRA / MoE-PEFT, ../shared/reference/mixlora.md section 7 (tasks, prompts, scoring,
 classification head) and section 9 (cutoff, shuffling). Prompts are the reference's, word for word.
-Checked by test_train.py (each format, masking, scoring rule, truncation, errors naming file:line).
+Checked in test_all.py (the data.py tests: each format, masking, scoring rule, truncation, errors naming file:line).
 
 Shape legend: B batch, T time (longest sequence in the batch), C classes.
 """
@@ -312,8 +312,8 @@ def demo_task(n_train=256, n_test=128, seed=0):
     """Questions "Which word is a fruit: chair, banana or river?" with one-word answers.
 
     The answer is one of the words listed in the prompt, so a small model already knows the facts and
-    only has to learn the format: SmolLM2-135M starts near 50% (chance 33%) and reaches >90% within a
-    few dozen optimiser steps. Train and test items are disjoint (word triple and category).
+    only has to learn the format in a few dozen optimiser steps (what SmolLM2-135M reaches: the README's
+    Quickstart). Train and test items are disjoint (word triple and category).
     """
     rng = random.Random(seed)
     cats = list(CATEGORIES)

@@ -114,7 +114,10 @@ def evaluate_source(model, tok, name, items, args, device, ctx):
             loss_sum += losses.lm_loss(out.logits, batch["targets"].to(device)[tmask]).item()
             n_tok += int(tmask.sum())
         else:
-            score_batch(model, tok, chunk, batch, device, ctx, preds, golds, rows)
+            for p, g, row in score_batch(model, tok, chunk, batch, device, ctx):
+                preds.append(p)
+                golds.append(g)
+                rows.append(row)
     if shown:
         selection.show_progress(f"eval {name}", len(enc), len(enc), t0)
         print(file=sys.stderr)
@@ -131,10 +134,10 @@ def evaluate_source(model, tok, name, items, args, device, ctx):
     return r, rows
 
 
-def score_batch(model, tok, chunk, batch, device, ctx, preds, golds, rows):
-    """One batch of choice or cls examples: appends each example's prediction, gold and record. choice: the
-    LM head at the last prompt token, restricted to the question's own option tokens; cls: the head on
-    the last real token (several labels: every class whose logit is > 0)."""
+def score_batch(model, tok, chunk, batch, device, ctx):
+    """[(prediction, gold, record)] of one batch of choice or cls examples. choice: the LM head at the last
+    prompt token, restricted to the question's own option tokens; cls: the head on the last real token
+    (several labels: every class whose logit is > 0)."""
     kind, B = chunk[0]["example"].kind, len(chunk)
     last = batch["last"].to(device)
     pick = torch.zeros_like(batch["attention_mask"], dtype=torch.bool).to(device)
@@ -142,22 +145,22 @@ def score_batch(model, tok, chunk, batch, device, ctx, preds, golds, rows):
     with ctx:
         out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     logits_mask=pick)
+    scored = []
     if kind == "choice":                             # restricted to the question's own options
         for b, it in enumerate(chunk):
             s = out.logits[b, data.option_token_ids(tok, it["example"].options)].float()  # (options,)
-            preds.append(int(s.argmax()))
-            golds.append(it["example"].label)
-            rows.append({"index": it["example"].index, "scores": s.tolist(),
-                         "scores_norm": torch.log_softmax(s, 0).tolist(), "pred": preds[-1], "gold": golds[-1]})
-        return
+            pred, gold = int(s.argmax()), it["example"].label
+            scored.append((pred, gold, {"index": it["example"].index, "scores": s.tolist(),
+                                        "scores_norm": torch.log_softmax(s, 0).tolist(), "pred": pred, "gold": gold}))
+        return scored
     logits = model.score(out.hidden[torch.arange(B), last].float())  # (B,C)
     multi = isinstance(chunk[0]["example"].label, list)
     for b, it in enumerate(chunk):
-        preds.append(set(torch.nonzero(logits[b] > 0).flatten().tolist()) if multi else int(logits[b].argmax()))
-        golds.append(set(it["example"].label) if multi else it["example"].label)
-        rows.append({"index": it["example"].index, "scores": logits[b].tolist(),
-                     "pred": sorted(preds[-1]) if multi else preds[-1],
-                     "gold": sorted(golds[-1]) if multi else golds[-1]})
+        pred = set(torch.nonzero(logits[b] > 0).flatten().tolist()) if multi else int(logits[b].argmax())
+        gold = set(it["example"].label) if multi else it["example"].label
+        scored.append((pred, gold, {"index": it["example"].index, "scores": logits[b].tolist(),
+                                    "pred": sorted(pred) if multi else pred, "gold": sorted(gold) if multi else gold}))
+    return scored
 
 
 def headline(results):

@@ -460,7 +460,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None):
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, eos_id=None,
              attention_mask=None, use_cache=True):
     """Return only the new ids (B, n_new). Batched prompts are left-padded (attention_mask 0 on the left).
     Rows that hit eos_id keep emitting it; decoding stops once every row has. use_cache=False re-runs the
@@ -474,8 +474,8 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
     ids, new = input_ids, []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     step_ids = input_ids
-    # cuDNN's attention builds a new plan for every new key length: 1.7 ms of CPU per call, measured on
-    # an H100 in bf16 (80 ms/token), so decoding leaves it out; the other kernels need no plan.
+    # cuDNN's attention builds a new plan for every new key length (CPU time on every decoding step, see
+    # the README's GPU figures), so decoding leaves it out; the other kernels need no plan.
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for _ in range(max_new_tokens):
             x = step_ids if use_cache else ids

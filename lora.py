@@ -18,8 +18,9 @@ Usage (load the base model first, then inject):
     model = llama.from_pretrained(path); inject_lora(model, LoraConfig(r=16, target_modules=[...]))
     mark_trainable(model); ...train...; save_peft_adapter(model, "out/adapter", model.adapter_config)
 Adapter folders are PEFT's (adapter_config.json + adapter_model.safetensors): `PeftModel.from_pretrained`
-on transformers' Llama loads them and gives the same logits, and PEFT adapters load here; test_lora.py
-checks both directions (skipped without peft), exact no-ops at init, hand-computed outputs, merging.
+on transformers' Llama loads them and gives the same logits, and PEFT adapters load here; test_all.py
+(test_peft_interop, skipped without peft) checks both directions; the lora.py tests exact no-ops at init,
+hand-computed outputs, merging.
 Run `python lora.py` for a tiny demo. Shape legend: N tokens (any leading dims), d_in/d_out layer sizes,
 r rank, D hidden, C classes.
 """
