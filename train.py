@@ -2,14 +2,14 @@
 train.py: fine-tune a Llama checkpoint with LoRA, DoRA, MixLoRA, LoRAMoE or MoLA, evaluate it, and save
 the adapter.
 
-One flat script, read top to bottom like nanoGPT's train.py: the state of a run (`Run`, one `Trainee` per
-adapter), then one function per stage, numbered as main calls them: 1. processes and device, 2. model,
-tokenizer and data, 3. the adapter (then --eval-only branches off), 4. the tokenised training set and the
-micro-batch, 5. optimiser (the schedule is lr_scale), 6. resume, 7. the loop (train_step: micro-batches,
-gradient sync, AdamW; log_step: one line), 8. final evaluation and saving. Beside it: the flags, their
-defaults and the adapter and data they name in options.py, evaluation and the printed summaries in
-evaluation.py, the checkpoint and --resume in resume.py, the micro-batch from a memory budget in
-memory.py, several adapters on one base in multi.py; the data side (formats, tasks, prompts, scoring,
+One flat script, read top to bottom like nanoGPT's train.py: the state of a run (`Run`, with one
+adapters.Trainee per adapter), then one function per stage, numbered as main calls them: 1. processes
+and device, 2. model, tokenizer and data, 3. the adapter (adapters.py; then --eval-only branches off),
+4. the tokenised training set and the micro-batch, 5. optimiser (the schedule is lr_scale), 6. resume
+(resume.py), 7. the loop (train_step: micro-batches, gradient sync, AdamW; log_step: one line), 8. final
+evaluation and saving. Beside it: the flags, their defaults and the adapter and data they name in
+options.py, evaluation and the printed summaries in evaluation.py, the micro-batch from a memory budget
+in memory.py, several adapters on one base in multi.py; the data side (formats, tasks, prompts, scoring,
 collation, metrics) in data.py, the losses in losses.py.
 
     python train.py                                      # MixLoRA on a built-in task, accuracy before/after
@@ -44,10 +44,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import adapters
 import checkpoints
 import data
 import guards
-import kernels
 import llama
 import losses
 import memory
@@ -57,9 +57,8 @@ import resume
 import selection
 import tokenizer
 from evaluation import evaluate, format_results, forward, headline, load_report, load_summary, results_table
-from lora import classification_head, lora_plus_param_groups, mark_trainable
-from moe_lora import inject_adapter, load_adapter, router_stats, save_adapter
-from options import adapter_config, adopt_adapter_settings, parse_adapters
+from lora import lora_plus_param_groups
+from moe_lora import router_stats, save_adapter
 
 SMALL_EVAL = 50            # fewer evaluation examples than this: a warning that the figures are noisy
 
@@ -97,24 +96,6 @@ class Run:
     def log(self, *a, **k):
         if self.rank == 0:
             print(*a, **k)
-
-
-@dataclass
-class Trainee:
-    """One adapter being trained: its flags (the run's, with its own --adapter overrides), its model (the
-    whole model when it trains alone; its multi.py view when several train together), optimiser, output
-    folder (--out alone, --out/NAME among several), best score and history."""
-    name: str
-    args: argparse.Namespace
-    model: nn.Module
-    out: str
-    history: dict = field(default_factory=lambda: {"loss": [], "eval": []})
-    opt: torch.optim.Optimizer = None
-    params: list = field(default_factory=list)      # the trainable tensors, in model.parameters() order
-    best: float = -math.inf                         # best headline(results) so far: OUT/best holds it
-    log_file: object = None                         # OUT/log.jsonl, on rank 0
-    load_sum: torch.Tensor = None                   # (L, E) sum of every step's expert load (MoE adapters)
-    load_steps: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,115 +152,11 @@ def load_model_and_data(run):
 
 
 
-def add_adapter(run):
-    """---- 3. the adapter: --adapter-path as it is (evaluation), with quality gates added (Select-MoE
-    warm-up), or a fresh one; then mark what trains. Several --adapter: add_adapters."""
-    args, model = run.args, run.model
-    specs = parse_adapters(args)
-    if len(adapter_paths(args)) > 1:
-        if not args.eval_only:
-            raise ValueError(f"--adapter-path {args.adapter_path}: several folders are for --eval-only (training "
-                             "several loaded adapters further is not implemented)")
-        return load_adapters(run, adapter_paths(args))
-    if len(specs) > 1:
-        return add_adapters(run, specs)
-    vars(args).update(vars(specs[0][1]))  # one adapter: its overrides are simply the run's flags
-    run.adapters = [Trainee(specs[0][0], args, model, args.out, history=run.history)]
-    torch.manual_seed(args.seed)  # same adapter init on every process
-    if args.eval_only:
-        if args.adapter_path:
-            load_adapter(model, args.adapter_path)
-    elif args.warmup and args.adapter_path:  # Select-MoE stage 1 on a trained MixLoRA adapter
-        load_adapter(model, args.adapter_path)
-        selection.add_quality_gates(model, trash_mode=args.trash_mode, init_bias=args.quality_gate_init_bias)
-        if args.router_aux_loss_coef is not None:
-            model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
-    elif args.adapter_path:  # train it further: its kind and settings come from its files
-        load_adapter(model, args.adapter_path)
-        adopt_adapter_settings(args, model.adapter_config)
-        model.to(run.device)
-    else:
-        cfg = adapter_config(args)
-        if run.kind == "cls":  # HF LlamaForSequenceClassification's head
-            model.score = classification_head(model.config.hidden_size, args.num_labels, run.device)
-        inject_adapter(model, cfg)
-        model.to(run.device)
-    if run.kind == "cls" and getattr(model, "score", None) is None:
-        raise ValueError("classification data needs a classification head: pass --adapter-path of a trained one")
-    if run.kind == "cls" and args.adapter_path:  # the loaded head's classes, not the data's, are the limit
-        data.check_labels([x for v in run.evals.values() for x in v], model.score.out_features,
-                          f"the head of {args.adapter_path}")
-    n_train, n_total = mark_trainable(model)
-    cfg = getattr(model, "adapter_config", None)
-    if getattr(cfg, "quality_gate", False):  # the quality-loss settings of this run (saved with the adapter)
-        cfg.quality_loss_type, cfg.quality_loss_weight = args.quality_loss, args.quality_loss_weight
-        cfg.sample_wise_averaging = args.sample_wise
-    if args.warmup:  # Select-MoE stage 1: only the quality gates and the routers learn
-        n_train = selection.freeze_for_warmup(model)
-        run.log(f"warm-up: quality loss {args.quality_loss} (weight {args.quality_loss_weight:g}) over "
-                f"{args.quality_tokens} tokens")
-        if not args.adapter_path:
-            run.log("warning: --warmup on fresh experts: they are all the base FFN, so routing means little "
-                    "(select_moe.md sec. 8); warm up a trained MixLoRA adapter with --adapter-path")
-    run.log(f"model {args.model}: {n_total / 1e6:.1f}M parameters, adapter {args.adapter if not args.eval_only else args.adapter_path or 'none'}"
-            f" with {n_train / 1e6:.3f}M trainable ({100 * n_train / n_total:.2f}%); device {run.device}, "
-            f"{'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)" + (f" x {args.threads} threads" if args.threads else ""))
-    run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(model))
-
-
-def add_adapters(run, specs):
-    """---- 3 (several adapters). Each fresh adapter is built as it would be alone (same seed, same init),
-    on one shared frozen base (multi.add_adapters); run.base keeps the base alone for the step-0 evaluation."""
-    args = run.args
-    for flag, given, why in (
-            ("--eval-only", args.eval_only, "to evaluate several, give their folders: --adapter-path A,B"),
-            ("--adapter-path", args.adapter_path, "training several loaded adapters further is not implemented"),
-            ("--warmup", args.warmup, "the Select-MoE warm-up trains one MixLoRA adapter's quality gates"),
-            ("--quality-gate", args.quality_gate, "give it to one adapter's run (its quality-loss flags are the run's)")):
-        if given:
-            raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)} ({why})")
-
-    def add_head(view, name):  # each adapter its own classification head, initialised as it would be alone
-        if run.kind == "cls":
-            view.score = classification_head(view.config.hidden_size, args.num_labels, run.device)
-
-    run.base = multi.shared_copy(run.model) if run.kind != "cls" else None  # a base model has no class head
-    views = multi.add_adapters(run.model, {n: adapter_config(a) for n, a in specs}, args.seed, add_head)
-    run.adapters = [Trainee(n, a, views[n], os.path.join(args.out, n)) for n, a in specs]
-    run.history = {"eval": [], "adapters": {t.name: t.history for t in run.adapters}}
-    n_total = sum(p.numel() for p in run.model.parameters())
-    run.log(f"model {args.model}: {len(specs)} adapters on one frozen base, {n_total / 1e6:.1f}M parameters in all: "
-            + ", ".join(f"{t.name} ({t.args.adapter}) {sum(p.numel() for p in t.model.parameters() if p.requires_grad) / 1e6:.3f}M"
-                        for t in run.adapters)
-            + f" trainable; device {run.device}, {'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)"
-            + (f" x {args.threads} threads" if args.threads else ""))
-    run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(run.model))
-
-
-def adapter_paths(args):
-    """The --adapter-path folders: one, or several separated by commas (--eval-only)."""
-    return args.adapter_path.split(",") if args.adapter_path else []
-
-
-def load_adapters(run, paths):
-    """---- 3 (--eval-only with several --adapter-path). Each adapter is loaded from its files onto its own
-    view of the one frozen base (multi.load_views), as training evaluates them."""
-    run.adapters = []
-    for i, (path, view) in enumerate(multi.load_views(run.model, paths).items()):
-        if run.kind == "cls" and getattr(view, "score", None) is None:
-            raise ValueError(f"{path}: classification data needs an adapter with a classification head")
-        if run.kind == "cls":
-            data.check_labels([x for v in run.evals.values() for x in v], view.score.out_features, f"the head of {path}")
-        if not run.args.no_accelerate:
-            kernels.accelerate(view)
-        run.adapters.append(Trainee(path, run.args, view.to(run.device), os.path.join(run.args.out, "predictions", f"{i + 1}")))
-
-
 def evaluate_only(run):
     """---- --eval-only: the model (the base, or --adapter-path), or each of several --adapter-path folders
     and then one results table; predictions/ (predictions/N for the N-th folder) is all it writes."""
     args = run.args
-    if len(adapter_paths(args)) < 2:
+    if len(adapters.adapter_paths(args)) < 2:
         folder = os.path.join(args.out, "predictions")
         results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx, folder) if run.rank == 0 else {}
         run.log(format_results(results))
@@ -438,17 +315,17 @@ def train_step(run, enc, step):
     """One optimiser step of every adapter: lr from its schedule, the micro-batches' backward passes (one
     for all adapters: each loss depends on its own adapter only), the gradients of all processes summed,
     each adapter's clipped, its AdamW. Returns each adapter's figures for the log."""
-    args, adapters = run.args, run.adapters
+    args, trainees = run.args, run.adapters
     # dropout / jitter randomness is a function of (seed, step, rank), so resuming repeats it
     torch.manual_seed(args.seed + 1_000_003 * step + run.rank)
-    if len(adapters) > 1:  # each adapter draws from its own copy of that stream, as it would alone
+    if len(trainees) > 1:  # each adapter draws from its own copy of that stream, as it would alone
         run.model.streams.fork(run.device)
-    scales = [lr_scale(step, run.total_steps, t.args) for t in adapters]
-    for t, scale in zip(adapters, scales):
+    scales = [lr_scale(step, run.total_steps, t.args) for t in trainees]
+    for t, scale in zip(trainees, scales):
         for g in t.opt.param_groups:
             g["lr"] = g["base_lr"] * scale
     batches, count = step_batches(run, enc, step)
-    terms, loads = [{} for _ in adapters], [[] for _ in adapters]
+    terms, loads = [{} for _ in trainees], [[] for _ in trainees]
     for b in batches:
         per_adapter = micro_batch_losses(run, b, count)
         loss = sum(task + sum(extra.values()) for task, extra, _ in per_adapter)
@@ -457,9 +334,9 @@ def train_step(run, enc, step):
             for key, v in {"task": task, **extra}.items():
                 terms[k][key] = terms[k].get(key, 0.0) + v.detach()
             loads[k] = loads[k] + [load] if load.numel() else loads[k]
-        run.tokens_seen += int(b["attention_mask"].sum()) * len(adapters)
-    params = [p for t in adapters for p in t.params]
-    for t, step_loads in zip(adapters, loads):  # this step's mean load, summed for the end-of-run table
+        run.tokens_seen += int(b["attention_mask"].sum()) * len(trainees)
+    params = [p for t in trainees for p in t.params]
+    for t, step_loads in zip(trainees, loads):  # this step's mean load, summed for the end-of-run table
         if step_loads:
             step_load = torch.stack(step_loads).mean(0)                          # (L,E)
             t.load_sum = step_load if t.load_sum is None else t.load_sum + step_load
@@ -476,14 +353,14 @@ def train_step(run, enc, step):
             for key in tk:
                 dist.all_reduce(tk[key])
     gnorms = [torch.nn.utils.clip_grad_norm_(t.params, t.args.grad_clip if t.args.grad_clip > 0 else float("inf"))
-              for t in adapters]
+              for t in trainees]
     # a NaN/inf stops the run before AdamW applies it; an update that overflows the weights shows as a
     # NaN loss one step later, or is caught before any evaluation or save (resume.check_adapters)
-    for t, tk, gnorm in zip(adapters, terms, gnorms):
-        guards.check_finite(step + 1 if len(adapters) == 1 else f"{step + 1} ({t.name})", loss=sum(tk.values()),
+    for t, tk, gnorm in zip(trainees, terms, gnorms):
+        guards.check_finite(step + 1 if len(trainees) == 1 else f"{step + 1} ({t.name})", loss=sum(tk.values()),
                             grad_norm=gnorm, saved=resume.last_good(run))
     stats = []
-    for t, scale, tk, ld, gnorm in zip(adapters, scales, terms, loads, gnorms):
+    for t, scale, tk, ld, gnorm in zip(trainees, scales, terms, loads, gnorms):
         t.opt.step()
         t.opt.zero_grad(set_to_none=True)
         stats.append({"terms": {k: float(v) for k, v in tk.items()}, "lr": t.args.lr * scale,
@@ -595,7 +472,7 @@ def main(argv=None):
     writes = run.rank == 0 and not args.eval_only  # --eval-only writes only predictions/ into --out
     with guards.claim(args.out, args.resume, args.overwrite) if writes else nullcontext():  # lock, no reuse
         train_items = load_model_and_data(run)
-        add_adapter(run)
+        adapters.add_adapter(run)
         if args.eval_only:  # the one mode that does not train
             return evaluate_only(run)
         enc = encode_training_set(run, train_items)
