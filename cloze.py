@@ -40,6 +40,7 @@ from contextlib import nullcontext
 import torch
 
 from llama import KVCache
+from progress import Progress
 
 HEAD_CHUNK = 512  # rows of the LM head at a time: 512 x 49152 fp32 logits = 100 MB for SmolLM2
 
@@ -252,15 +253,18 @@ def score_batch(model, questions, pad_id, ctx):
     return [sums[sum(sizes[:q]):sum(sizes[:q + 1])] for q in range(len(questions))]
 
 
-def score_questions(model, questions, pad_id, batch_size=16, ctx=None):
+def score_questions(model, questions, pad_id, batch_size=16, ctx=None, what="cloze"):
     """Scores of every option of every question, batch_size questions per forward, longest first (so a
-    batch holds questions of similar length and pads little). Same order as `questions`."""
+    batch holds questions of similar length and pads little). Same order as `questions`. A progress
+    line named `what` (stderr) once it takes a while."""
     order = sorted(range(len(questions)), key=lambda q: -sum(len(o[0]) for o in questions[q]))
     out = [None] * len(questions)
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        for q, s in zip(chunk, score_batch(model, [questions[q] for q in chunk], pad_id, ctx or nullcontext())):
-            out[q] = s
+    with Progress(what, len(order), "questions") as bar:
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            for q, s in zip(chunk, score_batch(model, [questions[q] for q in chunk], pad_id, ctx or nullcontext())):
+                out[q] = s
+            bar.update(len(chunk))
     return out
 
 

@@ -19,15 +19,13 @@ prediction files' records in both formats (test_predictions_jsonl).
 import json
 import math
 import os
-import sys
-import time
 
 import torch
 
 import cloze
 import data
 import losses
-import selection  # show_progress
+from progress import Progress, track
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -50,13 +48,18 @@ def forward(model, batch, device, ctx, head=True, repeat=1):
     return out, tmask
 
 
+TRUNCATION_WARNED = set()  # evaluation sources whose truncation was reported
+
+
 def evaluate_cloze(model, tok, items, args, ctx):
     """Cloze metrics (acc, acc_norm) of one source's choice examples, and one record per question."""
-    enc = [cloze.encode_options(tok, e.cloze, args.max_len) for e in items]
-    if sum(cut for _, cut in enc):
+    enc = [cloze.encode_options(tok, e.cloze, args.max_len) for e in track(items, f"tokenise {items[0].task}", unit="questions")]
+    if sum(cut for _, cut in enc) and items[0].task not in TRUNCATION_WARNED:  # once, not at every evaluation
+        TRUNCATION_WARNED.add(items[0].task)
         print(f"warning: {items[0].task}: {sum(cut for _, cut in enc)} of {len(enc)} evaluation questions have an "
               f"option truncated to --max-len {args.max_len} tokens (on the left)")
-    scores = cloze.score_questions(model, [opts for opts, _ in enc], tok.pad_id, args.eval_batch_size, ctx)
+    scores = cloze.score_questions(model, [opts for opts, _ in enc], tok.pad_id, args.eval_batch_size, ctx,
+                                   what=f"eval {items[0].task}")
     return cloze.cloze_predictions(scores, [e.cloze for e in items], [e.label for e in items], [e.index for e in items])
 
 
@@ -67,9 +70,6 @@ def write_predictions(folder, name, rows):
     with open(path + ".tmp", "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(path + ".tmp", path)
-
-
-TRUNCATION_WARNED = set()  # evaluation sources whose truncation was reported
 
 
 @torch.no_grad()
@@ -96,18 +96,17 @@ def evaluate(model, tok, evals, args, device, ctx, predictions=None):
 def evaluate_source(model, tok, name, items, args, device, ctx):
     """(metrics, per-question records) of one source of lm, choice (labels format) or cls examples, batch by
     batch, with a progress line on stderr once it takes more than 2 s."""
-    kind, enc = items[0].kind, [data.encode(tok, e, args.max_len, with_answer=items[0].kind == "lm") for e in items]
+    kind, enc = items[0].kind, [data.encode(tok, e, args.max_len, with_answer=items[0].kind == "lm")
+                                for e in track(items, f"tokenise {name}", unit="examples")]
     if sum(e["truncated"] for e in enc) and name not in TRUNCATION_WARNED:  # once, not at every evaluation
         TRUNCATION_WARNED.add(name)
         print(f"warning: {name}: {sum(e['truncated'] for e in enc)} of {len(enc)} evaluation examples "
               f"truncated to --max-len {args.max_len} tokens")
     preds, golds, rows, loss_sum, n_tok = [], [], [], 0.0, 0
-    t0, shown = time.time(), False
+    bar = Progress(f"eval {name}", len(enc), "examples")  # a stderr line once it takes a while
     for i in range(0, len(enc), args.eval_batch_size):
-        if time.time() - t0 > 2:  # a progress line (stderr) once an evaluation takes a while
-            selection.show_progress(f"eval {name}", i, len(enc), t0)
-            shown = True
         chunk = enc[i:i + args.eval_batch_size]
+        bar.update(len(chunk))
         batch = data.collate(chunk, tok.pad_id, args.num_labels or None)
         if kind == "lm":
             out, tmask = forward(model, batch, device, ctx)
@@ -118,9 +117,7 @@ def evaluate_source(model, tok, name, items, args, device, ctx):
                 preds.append(p)
                 golds.append(g)
                 rows.append(row)
-    if shown:
-        selection.show_progress(f"eval {name}", len(enc), len(enc), t0)
-        print(file=sys.stderr)
+    bar.close()
     if kind == "lm":
         return {"loss": loss_sum / max(n_tok, 1), "n": len(items)}, rows
     if kind == "cls" and isinstance(golds[0], set):

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoints  # GGUF files become checkpoint folders there; the default model's routes
 import guards  # atomic_folder: every save writes beside and renames into place
+from progress import track
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -368,7 +369,7 @@ def _read_tensors(files, dtype):
         try:
             with safe_open(fn, framework="pt") as f:
                 names = list(f.keys())
-            for name in names:
+            for name in track(names, f"load {fn}", unit="tensors"):
                 with safe_open(fn, framework="pt") as f:
                     t = f.get_tensor(name)
                 if not t.is_floating_point():  # an integer tensor would be cast silently, and mean nothing

@@ -75,6 +75,7 @@ import kernels
 import llama
 import tokenizer
 from moe_lora import load_adapter
+from progress import Progress, track
 
 FRACTION_ERROR = "--select: the fraction must be in (0, 1], got {}"
 QUALITY_TOKENS = ("all", "answer")                                     # see quality_token_mask
@@ -270,7 +271,7 @@ def score_dataset(model, batches, device="cpu", ctx=None, total=None, progress=T
     was_training = model.training
     model.eval()
     out = {"q": [], "gate_logit_mean": [], "routing": [], "n_tokens": []}
-    t0, done, shown = time.time(), 0, 0.0
+    done, bar = 0, Progress("score", total, "samples", after=0 if progress else float("inf"))
     for batch in batches:
         ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         m = am.float()                                                 # (B, T) 1 = valid token
@@ -290,23 +291,12 @@ def score_dataset(model, batches, device="cpu", ctx=None, total=None, progress=T
         out["routing"].append(routing.cpu())
         out["n_tokens"].append(nq.cpu())
         done += B
-        if progress and (time.time() - shown > 0.5 or done == total):
-            shown = time.time()
-            show_progress("score", done, total, t0)
-    if progress:
-        print(file=sys.stderr)
+        bar.update(B)
+    bar.close()
     model.train(was_training)
     if not done:
         raise ValueError("empty dataset: nothing to score")
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def show_progress(what, done, total, t0):
-    """One updating stderr line: count/total, rate and ETA."""
-    rate = done / max(time.time() - t0, 1e-9)
-    eta = (total - done) / rate if total else 0
-    tail = f"/{total} | eta {int(eta) // 60}m{int(eta) % 60:02d}s" if total else ""
-    print(f"\r{what} {done}{tail} | {rate:.1f} samples/s ", end="", file=sys.stderr, flush=True)
 
 
 def record_ids(records):
@@ -450,7 +440,7 @@ def score_records(args, records, model, tok, device="cpu", ctx=None, log=print):
     --score in file order; returns the path."""
     # targets as the warm-up's (answer tokens, or all with --train-on-prompt) for --quality-tokens answer
     items = [data.encode(tok, data.record_to_example(r, where, tok, "score"), args.max_len, args.train_on_prompt)
-             for where, r in records]
+             for where, r in track(records, f"tokenise {args.data}", unit="records")]
     order = sorted(range(len(items)), key=lambda i: -len(items[i]["ids"]))  # longest first, as the reference
     bs = args.batch_size
     batches = (data.collate([items[i] for i in order[j:j + bs]], tok.pad_id) for j in range(0, len(order), bs))

@@ -4084,3 +4084,77 @@ def test_study_labels_for_some_seeds(tmp_path):
     assert res["dora"]["cloze"]["arc-e"] == [0.6, 0.8] and res["dora"]["labels"]["arc-e"] == [0.3]
     md = study.table(res, {"dora": 5e6})
     assert "| dora | 5.00M | 2 | 1.0 ± 0.0 | 70.0 ± 14.1 |" in md and "| dora | 5.00M | 1 | 1.0 ± 0.0 | 30.0 ± 0.0 |" in md
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress.py: the progress line of the long phases
+
+
+class FakeClock:
+    """time.monotonic for a Progress: returns t, which the test advances."""
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_lines_on_a_fake_clock():
+    """A phase longer than AFTER prints count/total, the mean rate and the ETA, then one `done in` line."""
+    import io
+    import progress
+    clock, out = FakeClock(), io.StringIO()
+    with progress.Progress("tokenise arc-e", 30, "examples", file=out, clock=clock) as bar:
+        for _ in range(30):
+            clock.t += 0.5                         # 2 examples/s
+            bar.update()
+    # silent for the first 2 s (4 examples), then a line every LOG_EVERY = 10 s (a file, not a terminal)
+    assert out.getvalue().splitlines() == [
+        "tokenise arc-e 4/30 examples | 2.0 examples/s | eta 0m13s",
+        "tokenise arc-e 24/30 examples | 2.0 examples/s | eta 0m03s",
+        "tokenise arc-e 30/30 examples | 2.0 examples/s | done in 0m15s"]
+    assert progress.format_eta(65.9) == "1m05s" and progress.format_eta(-1) == "0m00s"
+
+
+def test_progress_terminal_updates_in_place_and_short_phase_is_silent():
+    """On a terminal the line is rewritten in place (padded over the longer one); a phase under AFTER prints nothing."""
+    import io
+    import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    clock, out = FakeClock(), Terminal()
+    bar = progress.Progress("load model", None, file=out, clock=clock)
+    for dt in (2.0, 0.5):
+        clock.t += dt
+        bar.update(500)
+    bar.close()
+    assert out.getvalue() == ("load model 500 | 250.0 items/s\r" "load model 1000 | 400.0 items/s\r"
+                              "load model 1000 | 400.0 items/s | done in 0m02s\n")
+    quiet, clock = io.StringIO(), FakeClock()
+    for _ in progress.track(range(100), "quick", file=quiet, clock=clock):
+        clock.t += 0.01
+    assert quiet.getvalue() == ""
+
+
+def test_progress_on_loading_and_tokenising(ckpt, tmp_path, monkeypatch, capsys):
+    """train.py shows the checkpoint's tensors, the tokenisation and the evaluation as progress lines (stderr)."""
+    import progress
+    monkeypatch.setattr(progress, "AFTER", 0.0)
+    d = write_jsonl(tmp_path / "sft.jsonl", sft_rows(24))
+    run(ckpt, tmp_path / "out", "--data", d, "--steps", "1", "--batch-size", "4", "--adapter", "lora")
+    err = capsys.readouterr().err
+    n = len(load_file(os.path.join(ckpt, "model.safetensors")))
+    assert f"load {os.path.join(ckpt, 'model.safetensors')} {n}/{n} tensors |" in err
+    assert "tokenise the training set 20/20 examples |" in err and "eval sft.jsonl 4/4 examples |" in err
+
+
+def test_pyproject_lists_every_module():
+    """pyproject.toml's py-modules are exactly the top-level modules (pip install -e makes each importable)."""
+    import tomllib
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "pyproject.toml"), "rb") as f:
+        listed = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
+    found = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and f != "test_all.py")
+    assert sorted(listed) == found

@@ -59,6 +59,7 @@ import tokenizer
 from evaluation import evaluate, format_results, forward, headline, load_report, load_summary, results_table
 from lora import lora_plus_param_groups
 from moe_lora import router_stats, save_adapter
+from progress import format_eta, track
 
 SMALL_EVAL = 50            # fewer evaluation examples than this: a warning that the figures are noisy
 
@@ -131,10 +132,9 @@ def load_model_and_data(run):
     args = run.args
     args.model = checkpoints.resolve_model(args.model)   # a folder as given; a GGUF, Hub id or the default fetched
     t0 = time.time()
-    run.log(f"loading {args.model} ...", end=" ", flush=True)
     run.model = llama.from_pretrained(args.model, dtype=torch.float32, device=run.device)
     run.tok = tokenizer.load_tokenizer(args.model)
-    run.log(f"{time.time() - t0:.1f}s")
+    run.log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     run.model.gradient_checkpointing = args.gradient_checkpointing
     args.max_len = min(args.max_len, run.model.config.context_length)
     train_items, run.evals = options.load_sources(args, run.tok)
@@ -176,7 +176,8 @@ def encode_training_set(run, train_items):
     args = run.args
     if not train_items:
         raise ValueError("no training examples (check --task / --data / --max-train)")
-    enc = [data.encode(run.tok, e, args.max_len, args.train_on_prompt, fmt=args.train_format) for e in train_items]
+    enc = [data.encode(run.tok, e, args.max_len, args.train_on_prompt, fmt=args.train_format)
+           for e in track(train_items, "tokenise the training set", unit="examples")]
     n_cut = sum(e["truncated"] for e in enc)
     empty = [e["example"] for e in enc if e["example"].kind != "cls" and all(l == data.IGNORE for l in e["labels"][1:])]
     if empty:  # nothing to predict: a batch of these would divide a zero loss by zero targets
@@ -400,7 +401,7 @@ def log_step(run, done, stats):
         eta = dt / (done - run.start) * (run.total_steps - done)
         text = (f"step {done}/{run.total_steps} | " + " | ".join(line)
                 + (f" | lr {stats[0]['lr']:.2e}" if len(lrs) == 1 else "")
-                + f" | {tok_s:.0f} tok/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+                + f" | {tok_s:.0f} tok/s | eta {format_eta(eta)}")
         if len(run.adapters) == 1 and stats[0]["loads"]:
             text += f" | {summary}"
         run.log(text)
