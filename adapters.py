@@ -98,6 +98,10 @@ def add_adapter(run):
         n_train = selection.freeze_for_warmup(model)
         run.log(f"warm-up: quality loss {args.quality_loss} (weight {args.quality_loss_weight:g}) over "
                 f"{args.quality_tokens} tokens")
+        if args.quality_gate_init_bias is None:  # the reference's gate: why the first loss is higher
+            run.log("note: the quality gates start at g = sigmoid(w u) ~ 0.5 (the reference's init), so every FFN "
+                    "output starts halved and the first loss is above the adapter's; --quality-gate-init-bias 6 "
+                    "starts the warm-up as the adapter it loaded")
         if not args.adapter_path:
             run.log("warning: --warmup on fresh experts: they are all the base FFN, so routing means little "
                     "(select_moe.md sec. 8); warm up a trained MixLoRA adapter with --adapter-path")

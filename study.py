@@ -51,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Command line
 
 parser = argparse.ArgumentParser(description="Base vs LoRA vs DoRA vs MixLoRA on the eight commonsense tasks.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=llama.HelpFormatter)
 arg = parser.add_argument
 arg("--model", help="checkpoint folder (as train.py --model)")
 arg("--out", default="runs/study", help="study folder: one sub-folder per run, results.json, table.md, study.png")
@@ -300,8 +300,10 @@ def report(a):
 
 def main(argv=None):
     a = parser.parse_args(argv)
-    if not a.model or not os.path.isfile(os.path.join(a.model, "config.json")):
-        sys.exit(f"error: --model: {a.model or '(not given)'} is not a checkpoint folder with config.json")
+    if not a.model:  # no model: the usage, as every script without its required arguments (exit 2)
+        parser.error("--model is required (a checkpoint folder, as train.py --model)")
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        sys.exit(f"error: --model: {a.model} is not a checkpoint folder with config.json")
     if not a.report:
         runs = plan(a)
         if a.dry_run:

@@ -4153,8 +4153,24 @@ def test_progress_on_loading_and_tokenising(ckpt, tmp_path, monkeypatch, capsys)
 def test_pyproject_lists_every_module():
     """pyproject.toml's py-modules are exactly the top-level modules (pip install -e makes each importable)."""
     import tomllib
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "pyproject.toml"), "rb") as f:
+    with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
         listed = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
-    found = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and f != "test_all.py")
+    found = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "test_all.py")
     assert sorted(listed) == found
+
+
+def test_scripts_without_required_arguments_print_usage():
+    """study.py and plot.py without their required arguments print their usage on stderr and exit 2."""
+    for script in ("study.py", "plot.py"):
+        p = subprocess.run([sys.executable, os.path.join(HERE, script)], capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith(f"usage: {script}"), (script, p.stderr)
+
+
+def test_warmup_says_why_its_first_loss_is_higher(ckpt, tmp_path, capsys):
+    """A warm-up with the reference's gate init says that it halves the FFN outputs; with a gate bias it does not."""
+    d = write_jsonl(tmp_path / "q.jsonl", [{**r, "quality": i % 2} for i, r in enumerate(sft_rows(12))])
+    for bias in ([], ["--quality-gate-init-bias", "6"]):
+        run(ckpt, tmp_path / f"w{len(bias)}", "--data", d, "--warmup", "--quality-loss", "bce", "--steps", "1",
+            "--batch-size", "4", *bias)
+        said = "every FFN output starts halved" in capsys.readouterr().out
+        assert said == (not bias)
