@@ -4174,3 +4174,13 @@ def test_warmup_says_why_its_first_loss_is_higher(ckpt, tmp_path, capsys):
             "--batch-size", "4", *bias)
         said = "every FFN output starts halved" in capsys.readouterr().out
         assert said == (not bias)
+
+
+def test_cloze_truncation_warned_once(ckpt, tmp_path, capsys):
+    """The cloze evaluation's truncation warning comes once per source, not at every evaluation."""
+    words = word_list()
+    rows = [{"question": " ".join(words[i:i + 8]), "options": words[i + 8:i + 10], "answer": i % 2} for i in range(12)]
+    d = write_jsonl(tmp_path / "cut_once.jsonl", rows)
+    train.main(["--model", ckpt, "--out", str(tmp_path / "o"), "--data", d, "--eval-data", d, "--eval-format", "cloze",
+                "--max-len", "6", "--steps", "1", "--batch-size", "4", "--r", "4", "--adapter", "lora", "--device", "cpu"])
+    assert capsys.readouterr().out.count("evaluation questions have an option truncated") == 1
