@@ -39,6 +39,7 @@ import time
 import torch
 
 import data
+import guards
 import llama
 import options
 from lora import LoraConfig, inject_lora, mark_trainable
@@ -51,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Command line
 
 parser = argparse.ArgumentParser(description="Base vs LoRA vs DoRA vs MixLoRA on the eight commonsense tasks.",
-                                 formatter_class=llama.HelpFormatter)
+                                 formatter_class=guards.HelpFormatter)
 arg = parser.add_argument
 arg("--model", help="checkpoint folder (as train.py --model)")
 arg("--out", default="runs/study", help="study folder: one sub-folder per run, results.json, table.md, study.png")
