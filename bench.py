@@ -38,7 +38,7 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
                           products: AVX-512-BF16 / AMX on CPUs that have them).
     eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
     multi-together/-sequential/-parallel  (with --multi or --only multi) K = 3 adapters (LoRA, DoRA, MixLoRA) trained by
-                          train.py on 64 short sentences (MULTI_STEPS steps of 8, fresh processes, model
+                          train.py on 64 short sentences (--multi-steps steps of 8, fresh processes, model
                           loading and a final evaluation of 8 included): in one process
                           (`--adapter lora,dora,mixlora`, multi.py), three processes one after another, and
                           three processes at once (the cores shared among them). ms = wall time; tok/s =
@@ -277,17 +277,17 @@ class Bench:
     def multi(self):
         """The multi-* rows: three adapters trained together, one after another, and three processes at once."""
         import tempfile
-        cores = torch.get_num_threads()
+        cores, steps = torch.get_num_threads(), self.args.multi_steps
         runs = {}
         with tempfile.TemporaryDirectory() as out:
-            tokens = len(MULTI) * multi_tokens(self.args.model, multi_data(os.path.join(out, "data.jsonl")))
+            tokens = len(MULTI) * multi_tokens(self.args.model, multi_data(os.path.join(out, "data.jsonl")), steps)
             runs["multi-together"] = train_processes(self.args.model, [",".join(MULTI)], cores, self.args.device,
-                                                     os.path.join(out, "together"))
-            walls, peaks = zip(*(train_processes(self.args.model, [a], cores, self.args.device, os.path.join(out, a))
+                                                     os.path.join(out, "together"), steps)
+            walls, peaks = zip(*(train_processes(self.args.model, [a], cores, self.args.device, os.path.join(out, a), steps)
                                  for a in MULTI))
             runs["multi-sequential"] = (sum(walls), [max(p[0] for p in peaks)])
             runs["multi-parallel"] = train_processes(self.args.model, list(MULTI), max(1, cores // len(MULTI)),
-                                                     self.args.device, os.path.join(out, "parallel"))
+                                                     self.args.device, os.path.join(out, "parallel"), steps)
         return {name: {"tok_s": tokens / wall, "ms": 1e3 * wall, "peak_mb": sum(peaks)}
                 for name, (wall, peaks) in runs.items()}
 
@@ -371,9 +371,9 @@ def multi_data(path):
     return path
 
 
-def train_processes(model, adapters, threads, device, out):
+def train_processes(model, adapters, threads, device, out, steps):
     """Start one train.py process per entry of `adapters` (all at once, writing to out/p0, out/p1, ...; the
-    data file beside `out`); wait for them; returns
+    data file beside `out`), each training `steps` steps; wait for them; returns
     (wall seconds, [peak resident MB of each])."""
     here = os.path.dirname(os.path.abspath(__file__))
     procs, peaks = [], []
@@ -381,8 +381,8 @@ def train_processes(model, adapters, threads, device, out):
     d = os.path.join(os.path.dirname(out), "data.jsonl")
     for i, a in enumerate(adapters):
         cmd = [sys.executable, os.path.join(here, "train.py"), "--model", model, "--data", d, "--eval-data", d,
-               "--adapter", a, "--steps", str(MULTI_STEPS), "--batch-size", str(MULTI_BATCH), "--max-eval", "8",
-               "--no-eval-before", "--log-every", str(MULTI_STEPS), "--threads", str(threads), "--device", device,
+               "--adapter", a, "--steps", str(steps), "--batch-size", str(MULTI_BATCH), "--max-eval", "8",
+               "--no-eval-before", "--log-every", str(steps), "--threads", str(threads), "--device", device,
                "--dtype", "float32", "--out", os.path.join(out, f"p{i}")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
@@ -394,13 +394,13 @@ def train_processes(model, adapters, threads, device, out):
     return time.perf_counter() - t0, peaks
 
 
-def multi_tokens(model, path):
+def multi_tokens(model, path, steps):
     """Training tokens (padding excluded) of one adapter in the multi-* rows: the examples of each step as
     data.step_indices draws them (seed 42, train.py's default) from the file in order (--eval-data given)."""
     import data
     tok = tokenizer.load_tokenizer(model)
     enc = [data.encode(tok, e, 512) for e in data.load_data(path, tok)]
-    return sum(len(enc[j]["ids"]) for s in range(MULTI_STEPS) for j in data.step_indices(len(enc), s, MULTI_BATCH, 42))
+    return sum(len(enc[j]["ids"]) for s in range(steps) for j in data.step_indices(len(enc), s, MULTI_BATCH, 42))
 
 
 VARIANTS = {"plain": None, "accelerated": {}, "accelerated-lora": dict(lora_product=False),
@@ -500,6 +500,8 @@ def main(argv=None):
                     help="leave glibc's malloc as it is for the whole run (kernels.accelerate sets keep_freed_memory)")
     ap.add_argument("--multi", action="store_true",
                     help="also run the multi-* rows: 3 adapters trained together vs in turn vs at once (7 train.py runs)")
+    ap.add_argument("--multi-steps", type=int, default=MULTI_STEPS,
+                    help="training steps of each train.py run in the multi-* rows")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement
     args = ap.parse_args(argv)

@@ -3282,6 +3282,30 @@ class TestMulti:
             run(ckpt, tmp_path / "o", "--data", d, "--steps", "1", *flags)
         assert words in str(e.value) and "\n" not in str(e.value)
 
+    def test_multi_adapter_branches_that_run_whole(self, ckpt):
+        """A MixLoRA adapter with DoRA experts and a LoRAMoE adapter (the FFN branches that cannot take the
+        shared products) beside a LoRA: each slice of the K-adapter forward, router outputs included, equals
+        the adapter's own model."""
+        cfgs = {"lora": LoraConfig(r=2, target_modules="all-linear"), "mixdora": MixLoRAConfig(r=4, num_experts=2, use_dora=True),
+                "loramoe": LoRAMoEConfig(r=4, num_experts=2)}
+        model = llama.from_pretrained(ckpt)
+        views = multi.add_adapters(model, cfgs, seed=1)
+        for v in views.values():
+            for p in v.parameters():
+                if p.requires_grad and p.ndim == 2:
+                    torch.nn.init.normal_(p, std=0.2)
+        ids = torch.randint(4, 40, (2, 7))
+        model.eval()
+        with torch.no_grad():
+            out = model(ids.repeat(3, 1))
+            for k, (name, view) in enumerate(views.items()):
+                own = view(ids)
+                torch.testing.assert_close(out.logits[2 * k:2 * k + 2], own.logits, rtol=1e-5, atol=1e-5)
+                for a, b in zip(multi.aux_of(out.aux, name), own.aux):
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        torch.testing.assert_close(a["router_weights"], b["router_weights"])
+
     def test_multi_adapter_base_products_once(self, ckpt):
         """In a forward of K adapters (LoRA, DoRA, MixLoRA), every frozen projection weight W0 enters exactly
         one product, over all K slices of rows (gate/up on the layer input, down on every adapter's hidden)."""
