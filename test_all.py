@@ -3117,6 +3117,8 @@ class TestTrain:
                 os.kill(os.getpid(), getattr(signal, signal_name))
             return real(n, step, *a)
         monkeypatch.setattr(data, "step_indices", interrupt_at_2)
+        # a shell starting pytest in the background (`cmd &`) leaves SIGINT ignored; Ctrl-C's handler is the default one
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with pytest.raises(SystemExit) as e:
             run(ckpt, tmp_path / "part", *common)
         assert e.value.code == {"SIGINT": 130, "SIGTERM": 143}[signal_name]
