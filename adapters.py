@@ -24,8 +24,9 @@ import data
 import kernels
 import multi
 import selection
+from adapter_files import load_adapter
 from lora import classification_head, mark_trainable
-from moe_lora import inject_adapter, load_adapter
+from moe_lora import inject_adapter
 from options import adapter_config, adopt_adapter_settings, parse_adapters
 
 

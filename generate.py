@@ -1,7 +1,7 @@
 """generate.py: the command line that continues a prompt, or answers it as a chat, with a Llama checkpoint and
 optionally a trained adapter.
 
-The model (llama.py), the tokenizer (tokenizer.py) and the adapters (moe_lora.load_adapter) are plain
+The model (llama.py), the tokenizer (tokenizer.py) and the adapters (adapter_files.load_adapter) are plain
 PyTorch; this script loads them and, unless --no-accelerate, converts the loaded model with
 kernels.accelerate (the CPU fast paths, same tokens: see kernels.py), as train.py does.
 
@@ -61,8 +61,8 @@ def main(argv=None):
         dtype = llama.DTYPES[args.dtype]
         model = llama.from_pretrained(args.model, dtype=dtype, device=args.device)
         if args.adapter:
-            import moe_lora  # the model itself knows nothing of adapters
-            moe_lora.load_adapter(model, args.adapter)
+            import adapter_files  # the model itself knows nothing of adapters
+            adapter_files.load_adapter(model, args.adapter)
             model.to(device=args.device, dtype=dtype).eval()
         if not args.no_accelerate:
             print(kernels.accelerate(model), file=sys.stderr)  # stdout holds only the text

@@ -1,4 +1,4 @@
-"""LoRA, rsLoRA and DoRA adapters for the Llama in llama.py, with PEFT-format adapter files.
+"""LoRA, rsLoRA and DoRA adapters for the Llama in llama.py: the layers, injection, merging, LoRA+ groups.
 
 References
   LoRA     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685, sec. 4.1
@@ -16,32 +16,27 @@ The LoRA branch around one frozen projection (x: (N, d_in), s = alpha/r, or alph
 
 Usage (load the base model first, then inject):
     model = llama.from_pretrained(path); inject_lora(model, LoraConfig(r=16, target_modules=[...]))
-    mark_trainable(model); ...train...; save_peft_adapter(model, "out/adapter", model.adapter_config)
-Adapter folders are PEFT's (adapter_config.json + adapter_model.safetensors): `PeftModel.from_pretrained`
-on transformers' Llama loads them and gives the same logits, and PEFT adapters load here; test_all.py
-(test_peft_interop, skipped without peft) checks both directions; the lora.py tests exact no-ops at init,
-hand-computed outputs, merging.
+    mark_trainable(model); ...train...; adapter_files.save_adapter(model, "out/adapter")
+The adapter folders are PEFT's (adapter_config.json + adapter_model.safetensors), written and read by
+adapter_files.py: PEFT loads ours with the same logits and PEFT adapters load here (test_peft_interop).
+Checked in test_all.py (TestLora): exact no-ops at init, hand-computed outputs, DoRA's row norm against
+the naive one, merging.
 Run `python lora.py` for a tiny demo. Shape legend: N tokens (any leading dims), d_in/d_out layer sizes,
 r rank, D hidden, C classes.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-import guards  # atomic_folder, recover_folder
 import llama
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_KEYS = ("lora_", "magnitude", "moe_gate", "quality_gate", "score")  # see mark_trainable
-PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> our module tree
 
 # ----------------------------------------------------------------------------------------------------
 # config
@@ -346,166 +341,6 @@ def save_merged(model, out_dir, tokenizer_src=None):
                 m.unmerge()
         if score is not None:
             model.score = score
-
-
-# ----------------------------------------------------------------------------------------------------
-# PEFT adapter files: adapter_config.json + adapter_model.safetensors (or adapter_model.bin)
-
-
-def peft_config_dict(cfg, base_model_name_or_path="", task_type=None, modules_to_save=None):
-    """adapter_config.json contents that PEFT's LoraConfig reads (peft_type "LORA")."""
-    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
-    return {
-        "peft_type": "LORA", "task_type": task_type or cfg.task_type,
-        "base_model_name_or_path": base_model_name_or_path, "r": cfg.r, "lora_alpha": alpha,
-        "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.target_modules), "bias": cfg.bias,
-        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True if cfg.init_lora_weights == "original" else cfg.init_lora_weights,
-        "modules_to_save": modules_to_save, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
-
-
-def config_from_peft(d, where="adapter_config.json"):
-    """LoraConfig from a PEFT adapter_config.json dict; rejects the PEFT features this file does not implement."""
-    if d.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: unknown peft_type {d.get('peft_type')!r}, expected 'LORA'")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "fan_in_fan_out", "lora_bias",
-                "exclude_modules", "layer_replication", "target_parameters", "trainable_token_indices"):
-        if d.get(key):  # PEFT writes these as null / {} / false when unused
-            raise ValueError(f"{where}: {key}={d[key]!r} is not supported")
-    init = d.get("init_lora_weights", True)
-    target = d.get("target_modules")
-    if isinstance(target, str) and target != "all-linear" and target not in PROJECTIONS:
-        raise ValueError(f"{where}: regex target_modules {target!r} is not supported; list the module names")
-    try:
-        return LoraConfig(r=d.get("r"), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
-                          target_modules=target or [], use_rslora=bool(d.get("use_rslora", False)),
-                          use_dora=bool(d.get("use_dora", False)), bias=d.get("bias", "none"),
-                          init_lora_weights="gaussian" if init == "gaussian" else "original",
-                          task_type=d.get("task_type") or "CAUSAL_LM")
-    except (TypeError, ValueError) as e:  # a value of the wrong type or range
-        raise ValueError(f"{where}: {e}") from None
-
-
-def adapter_state_dict(model):
-    """PEFT tensor names -> fp32 CPU tensors: lora_A.weight, lora_B.weight, lora_magnitude_vector, score."""
-    out = {}
-    for name, m in lora_layers(model):
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A  # (r, d_in)
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B  # (d_out, r)
-        if m.use_dora:
-            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude  # (d_out,)
-    if getattr(model, "score", None) is not None:
-        out[f"{PEFT_PREFIX}score.weight"] = model.score.weight  # (C, D), PEFT modules_to_save layout
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
-
-
-def save_peft_adapter(model, path, cfg=None, base_model_name_or_path=""):
-    """Write `path`/adapter_config.json + adapter_model.safetensors, PEFT layout, atomically (write_adapter)."""
-    cfg = cfg or model.adapter_config
-    has_score = getattr(model, "score", None) is not None
-    config = peft_config_dict(cfg, base_model_name_or_path, "SEQ_CLS" if has_score else None,
-                              ["score"] if has_score else None)
-    write_adapter(path, config, adapter_state_dict(model))
-
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def write_adapter(path, config, tensors, weights="adapter_model.safetensors"):
-    """Write `path`/adapter_config.json + `weights` (safetensors, or torch.save for the .bin name) with
-    guards.atomic_folder: the previous version stays whole until the new one is in place. Other files in
-    the folder are kept; the other weights format is dropped (read_adapter_files prefers safetensors)."""
-    with guards.atomic_folder(path, keep_others=True, drop=ADAPTER_WEIGHTS) as tmp:
-        if weights.endswith(".bin"):
-            torch.save(tensors, os.path.join(tmp, weights))
-        else:
-            save_file(tensors, os.path.join(tmp, weights), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-
-
-def read_adapter_files(path):
-    """(config dict, tensors dict) of an adapter folder: adapter_model.safetensors, else adapter_model.bin."""
-    guards.recover_folder(path)  # an interrupted save left the previous version as path.prev
-    cfg_path = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found (is {path!r} an adapter folder?)")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(config).__name__}")
-    st, bin_ = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
-    fn = st if os.path.isfile(st) else bin_
-    if not os.path.isfile(fn):
-        raise FileNotFoundError(f"{path}: neither adapter_model.safetensors nor adapter_model.bin found")
-    try:  # many published adapters are torch.save'd dicts; weights_only refuses any pickled code
-        tensors = load_file(fn) if fn == st else torch.load(fn, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and pickle raise their own types for truncated or foreign files
-        raise ValueError(f"{fn}: not a readable adapter file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
-        raise ValueError(f"{fn}: expected a dict of tensors")
-    return config, tensors
-
-
-def copy_adapter_tensors(params, tensors, path, optional=None):
-    """Copy the file's tensors into the model's adapter parameters {name: Parameter}: every file tensor
-    must have a parameter and every parameter a tensor of its shape (names ending in `optional` may be
-    absent: DoRA magnitudes, which the reference never saves). NaN, inf or integer tensors are refused."""
-    for key in tensors:
-        if key not in params:
-            raise ValueError(f"{path}: tensor {key} has no matching module in the model")
-    with torch.no_grad():
-        for key, p in params.items():
-            if key not in tensors:
-                if optional and key.endswith(optional):
-                    continue
-                raise ValueError(f"{path}: tensor {key} missing from the adapter file")
-            if tuple(tensors[key].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
-            if not tensors[key].is_floating_point():
-                raise ValueError(f"{path}: tensor {key} has dtype {tensors[key].dtype}, expected floating point")
-            if not bool(torch.isfinite(tensors[key]).all()):  # a NaN adapter is never evaluated
-                raise ValueError(f"{path}: tensor {key} holds NaN or inf values")
-            p.copy_(tensors[key].to(p.dtype))
-
-
-def load_peft_adapter(model, path):
-    """Inject the adapter described by `path`/adapter_config.json into a loaded base model and load its
-    tensors (PEFT names); recreates a `score` head. Every file tensor must match a model tensor by name and
-    shape. NOTE: a DoRA file without magnitudes (as the reference writes) gets m = ||W0 + sBA||, which is
-    what the reference does on load."""
-    config, tensors = read_adapter_files(path)
-    cfg = config_from_peft(config, os.path.join(path, "adapter_config.json"))
-    if lora_layers(model):
-        raise ValueError(f"model already has LoRA adapters; load {path} into a fresh base model")
-    score_key = f"{PEFT_PREFIX}score.weight"
-    if score_key in tensors:
-        C, D = tensors[score_key].shape  # (C, D): the number of classes comes from the file
-        emb = model.model.embed_tokens.weight  # (V, D)
-        if D != emb.shape[1]:
-            raise ValueError(f"{score_key}: shape {(C, D)} in file, expected (num_labels, {emb.shape[1]})")
-        model.score = classification_head(D, C, emb.device)
-    inject_lora(model, cfg)
-    params = {}
-    for name, m in lora_layers(model):
-        params[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A
-        params[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B
-        if m.use_dora:
-            params[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
-    if score_key in tensors:
-        params[score_key] = model.score.weight
-    tensors = {k.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): v for k, v in tensors.items()}
-    copy_adapter_tensors(params, tensors, path, optional="lora_magnitude_vector")  # m: filled in below from A, B
-    with torch.no_grad():
-        for name, m in lora_layers(model):
-            if m.use_dora and f"{PEFT_PREFIX}{name}.lora_magnitude_vector" not in tensors:
-                m.magnitude.copy_(m.weight_norm())
-    model.adapter_config = cfg
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -255,7 +255,7 @@ def hand_out_routing(projections, dense, mlp, args, y):
     """Forward hook on a decoder layer's MLP: return (y, aux) with the router outputs of the layer's P
     MoE projections (attention ones ran earlier in the same layer call), concatenated along the tokens:
     aux = {"router_logits": (P*N, E) fp32, "router_weights": (P*N, E) fp32, "router_selected": (P*N, E)
-    bool, "routers": P, "dense": bool}, the keys losses.adapter_losses and moe_lora.router_stats read."""
+    bool, "routers": P, "dense": bool}, the keys losses.adapter_losses and routers.router_stats read."""
     logits, weights, selected = zip(*(p.routing for p in projections))
     for p in projections:
         p.routing = None                                                   # nothing kept past the step

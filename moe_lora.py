@@ -1,6 +1,6 @@
 """MixLoRA (a mixture of LoRA experts in every FFN), the Select-MoE quality gate and trash expert, and
-one load/save entry point for every adapter of the project (LoRA, DoRA, MixLoRA, and LoRAMoE / MoLA,
-whose experts sit inside each projection: moe_linear.py).
+one injection entry point for every adapter of the project (LoRA, DoRA, MixLoRA, and LoRAMoE / MoLA,
+whose experts sit inside each projection: moe_linear.py). Their files: adapter_files.py.
 
 References
   MixLoRA     Li et al. 2024, "MixLoRA: Enhancing LLMs Fine-Tuning with LoRA-based Mixture of Experts",
@@ -30,17 +30,14 @@ Attention projections get one ordinary LoRA per adapter (lora.LoRALinear), share
 
 Checked by test_all.py: E=1/k=1 equals a dense LoRA FFN; the grouped computation equals the
 reference's per-expert loop in outputs and gradients for every router, with and without the gate; aux tensors
-keep their gradients under activation checkpointing; exact save/load round trips in both file
-formats; and, when the `mixlora` package is importable, the same logits as the package on
-transformers' Llama in both directions. Run `python moe_lora.py` for a tiny demo.
+keep their gradients under activation checkpointing (the file round trips and the `mixlora` package's
+logits: adapter_files.py). Run `python moe_lora.py` for a tiny demo.
 
 Shape legend: B batch, T time, D hidden, I FFN intermediate, N = B*T tokens, E experts, K top-k,
 S routed (token, expert) slots (N*K for top-k), r rank.
 """
 
 import math
-import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -51,7 +48,7 @@ import torch.nn.functional as F
 import lora
 from losses import (BETA_TARGET_MEAN, BETA_TARGET_VAR, LAMBDA_VAR, QUALITY_LOSS_KINDS, QUALITY_LOSS_WEIGHT, W_MEAN,
                     W_VAR)
-from moe_linear import REFERENCE_MIN_DROPOUT, ExpertLoRAConfig, LoRAMoEConfig, MoLAConfig, inject_moe_linear
+from moe_linear import REFERENCE_MIN_DROPOUT, ExpertLoRAConfig, inject_moe_linear
 from routers import STRATEGIES, Router, RouterConfig
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -181,7 +178,7 @@ class ExpertProjection(nn.Module):
     NOTE: the bias sits outside the DoRA rescaling as in lora.py / HF PEFT (the reference puts it inside).
     """
 
-    def __init__(self, base, num_experts, r, lora_alpha, lora_dropout, use_dora, use_rslora, init_lora_weights):
+    def __init__(self, base, num_experts, *, r, lora_alpha, lora_dropout, use_dora, use_rslora, init_lora_weights):
         """base: the nn.Linear to share; the LoRA settings are MixLoRAConfig.expert_settings()."""
         super().__init__()
         base.requires_grad_(False)
@@ -420,136 +417,11 @@ def inject_adapter(model, cfg, trash_expert=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Adapter files. Tensor names are the reference's: model.layers.{i}.X -> mixlora.layers.{i}.X (loramoe.,
-# mola. for those adapters), ".weight" appended to lora_A/lora_B, `score.weight` -> `classifier`. Native:
-# adapter_model.safetensors; reference: adapter_model.bin (torch.save of CPU fp32 tensors). Both also carry
-# our extras (quality_gate, DoRA magnitudes), which the `mixlora` package ignores.
-
-MOE_CONFIGS = {"MIXLORA": MixLoRAConfig, "LORAMOE": LoRAMoEConfig, "MOLA": MoLAConfig}  # by peft_type
-
-
-def adapter_tensors(model):
-    """{reference tensor name: parameter} for every adapter parameter of a MixLoRA, LoRAMoE or MoLA model."""
-    prefix = getattr(model.adapter_config, "peft_type", "MIXLORA").lower()
-    out = {}
-    for name, p in model.named_parameters():
-        if not any(k in name for k in lora.ADAPTER_KEYS):
-            continue
-        key = "classifier" if name == "score.weight" else re.sub(r"^model\.layers\.", f"{prefix}.layers.", name)
-        out[key + ".weight" if key.endswith(("lora_A", "lora_B")) else key] = p
-    return out
-
-
-def save_adapter(model, path, format="peft"):
-    """Write the model's adapter to the folder `path` (atomically: written next to it, then renamed).
-
-    LoRA/DoRA: PEFT layout (lora.save_peft_adapter). MixLoRA, LoRAMoE, MoLA: format="peft" (default) writes
-    the native adapter_config.json + adapter_model.safetensors; format="mixlora" the reference layout
-    (adapter_model.bin + a config following mixlora.md sec. 8, peft_type MIXLORA / LORAMOE / MOLA) that
-    MoE-PEFT (and, for MixLoRA, the `mixlora` package) load."""
-    cfg = getattr(model, "adapter_config", None)
-    if cfg is None:
-        raise ValueError("model has no adapter: call inject_adapter or load_adapter first")
-    if format not in ("peft", "mixlora"):
-        raise ValueError(f"format: expected 'peft' or 'mixlora', got {format!r}")
-    moe = isinstance(cfg, (MixLoRAConfig, ExpertLoRAConfig))
-    base = (cfg.base_model_name_or_path if moe else "") or getattr(model, "path", "")
-    if not moe:
-        if format == "mixlora":
-            raise ValueError("format='mixlora' needs a MixLoRA, LoRAMoE or MoLA adapter; this model has a plain LoRA")
-        lora.save_peft_adapter(model, path, cfg, base_model_name_or_path=base)
-        return path
-    config = cfg.to_dict(reference=format == "mixlora")
-    config.update(base_model_name_or_path=base, task_type="SEQ_CLS" if getattr(model, "score", None) is not None
-                  else cfg.task_type or "CAUSAL_LM")
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_tensors(model).items()}
-    lora.write_adapter(path, config, tensors, lora.ADAPTER_WEIGHTS[format == "mixlora"])
-    return path
-
-
-def load_adapter(model, path, trash_expert=None):
-    """Inject and load the adapter folder `path` into a freshly loaded base model; returns the model.
-
-    Recognises PEFT LoRA/DoRA folders (lora.load_peft_adapter), our native MixLoRA, LoRAMoE and MoLA folders
-    and the reference's (peft_type "MIXLORA", "LORAMOE", "MOLA", adapter_model.bin). Every file tensor must
-    match an adapter tensor by name and shape; the expert count must agree with the config. DoRA magnitudes
-    absent from the file (the reference never stores them) are set to ||W0 + sBA||, as the reference does."""
-    config, tensors = lora.read_adapter_files(path)
-    if config.get("peft_type") not in MOE_CONFIGS:
-        return lora.load_peft_adapter(model, path)
-    where = os.path.join(path, "adapter_config.json")
-    try:
-        cfg = MOE_CONFIGS[config["peft_type"]].from_dict(config)
-        L = len(model.model.layers)
-        counts = cfg.layer_experts(L) if isinstance(cfg, ExpertLoRAConfig) else [cfg.num_experts] * L
-    except (TypeError, ValueError) as e:  # a value of the wrong type or range
-        raise ValueError(f"{where}: {e}") from None
-    for key, t in tensors.items():
-        layer, m = re.search(r"\.layers\.(\d+)\.", key), re.search(r"\.experts\.(\d+)\.", key)
-        if layer is None or int(layer.group(1)) >= L:
-            continue                                                # copy_adapter_tensors names it
-        E = counts[int(layer.group(1))]
-        if key.endswith("moe_gate.weight") and t.shape[0] != E or m and int(m.group(1)) >= E:
-            n = t.shape[0] if key.endswith("moe_gate.weight") else f"at least {int(m.group(1)) + 1}"
-            raise ValueError(f"{where}: num_experts={E} but the weights hold {n} experts ({key})")
-    if "classifier" in tensors and getattr(model, "score", None) is None:
-        C, D = tensors["classifier"].shape                          # (C, D): classes from the file
-        model.score = lora.classification_head(D, C, model.model.embed_tokens.weight.device)
-    inject_adapter(model, cfg, trash_expert)
-    params = adapter_tensors(model)
-    lora.copy_adapter_tensors(params, tensors, path, optional="magnitude")  # m: filled in below from A, B
-    with torch.no_grad():
-        for name, m in model.named_modules():                       # reference DoRA files: m = ||W0 + sBA||
-            key = f"{config['peft_type'].lower()}." + name.removeprefix("model.") + ".magnitude"
-            if isinstance(m, lora.LoRALinear) and m.use_dora and key not in tensors:
-                m.magnitude.copy_(m.weight_norm())
-            if isinstance(m, ExpertProjection) and m.use_dora:
-                for e, ex in enumerate(m.experts):
-                    if key.replace(".magnitude", f".experts.{e}.magnitude") not in tensors:
-                        ex.magnitude.copy_(m.weight_norm(e))
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# Router statistics for log lines
-
-
-@torch.no_grad()
-def router_stats(aux_list, token_mask=None):
-    """Per MoE layer: "load" (L, E), the fraction of routed (token, expert) assignments of real tokens that
-    went to each expert (each row sums to 1; for a dense router (LoRAMoE), which sends every token to every
-    expert, the fraction of the routing weight instead); "experts" (L,), each layer's expert count (a layer
-    with fewer than E experts has zeros after them: MoLA's per-layer counts); "entropy" (L,), the mean over
-    real tokens of the entropy (nats) of softmax(router logits) (log E = uniform); "gate" (L,), the mean
-    sigmoid quality gate, if present. A layer's aux may pool several routers ("routers": P, moe_linear.py)."""
-    load, ent, gate = [], [], []
-    for a in aux_list:
-        if not a or "router_logits" not in a:
-            continue                                                # not a MoE layer
-        n = a["router_logits"].shape[0] // a.get("routers", 1)      # tokens per router
-        m0 = torch.ones(n, dtype=torch.bool) if token_mask is None else token_mask.reshape(n).bool().cpu()
-        m = m0.repeat(a.get("routers", 1))                          # (P*N,) the mask of every router
-        w = a["router_weights"].detach().float().cpu()[m]           # (n', E)
-        c = w.sum(0) if a.get("dense") else (w > 0).float().sum(0)  # (E,) weight mass or assignments
-        load.append(c / c.sum().clamp(min=1e-12 if a.get("dense") else 1.0))
-        logp = F.log_softmax(a["router_logits"].detach().float().cpu()[m], dim=-1)   # (n, E)
-        ent.append(-(logp.exp() * logp).sum(-1).mean())
-        if "gate_logits" in a:
-            gate.append(torch.sigmoid(a["gate_logits"].detach().float().cpu().reshape(n)[m0]).mean())
-    E = max((len(c) for c in load), default=0)
-    out = {"load": torch.stack([F.pad(c, (0, E - len(c))) for c in load]) if load else torch.zeros(0),
-           "experts": torch.tensor([len(c) for c in load]),
-           "entropy": torch.stack(ent) if ent else torch.zeros(0)}
-    if gate:
-        out["gate"] = torch.stack(gate)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # Demo
 
 if __name__ == "__main__":
     import llama
+    from routers import router_stats
 
     torch.manual_seed(0)
     cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

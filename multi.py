@@ -69,7 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from moe_lora import MixLoRAFFN, inject_adapter, load_adapter
+from adapter_files import load_adapter
+from moe_lora import MixLoRAFFN, inject_adapter
 
 # ----------------------------------------------------------------------------------------------------
 # Random streams: each adapter draws its dropout masks as if it were trained alone
@@ -317,7 +318,7 @@ def add_adapters(model, configs, seed, prepare=None):
 
 
 def load_views(model, paths):
-    """{path: view} for --eval-only: each adapter folder loaded (moe_lora.load_adapter) onto its own
+    """{path: view} for --eval-only: each adapter folder loaded (adapter_files.load_adapter) onto its own
     shared_copy of one loaded base model, so K adapters hold one copy of the base weights."""
     if len(set(paths)) < len(paths):
         raise ValueError(f"--adapter-path names a folder twice: {','.join(paths)}")

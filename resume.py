@@ -23,7 +23,7 @@ import time
 import torch
 
 import guards
-from moe_lora import save_adapter
+from adapter_files import save_adapter
 
 
 def save_checkpoint(path, t, step, finished=False):

@@ -35,7 +35,8 @@ per-strategy code to keep in step (an unknown strategy fails here, in RouterConf
 Routing always runs in fp32 whatever the model dtype (the reference keeps gate weights, softmax and
 accumulation in fp32). The selection rules are exposed as pure functions (`top_k_weights`,
 `top_p_weights`, `switch_weights`, `expert_capacity`) so that the FFN and the tests can call them.
-The router losses live in losses.py.
+The router losses live in losses.py; `router_stats` sums up the routing of a forward pass for the
+log lines (each layer's expert load and routing entropy, the mean quality gate).
 
 Checked by test_all.py's router tests (rows sum to 1 for top-k, the crossing expert is kept by
 top-p, capacity drops exactly the tokens past capacity and padding consumes none, jitter only in
@@ -368,6 +369,41 @@ class Router(nn.Module):
         rule = ", ".join(f"{k}={getattr(c, k)}" for k in self.strategy.settings)
         return (f"hidden_size={self.hidden_size}, num_experts={c.num_experts}, "
                 f"strategy={c.routing_strategy!r}, {rule}, jitter_noise={c.jitter_noise}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Router statistics for log lines
+
+
+@torch.no_grad()
+def router_stats(aux_list, token_mask=None):
+    """Per MoE layer: "load" (L, E), the fraction of routed (token, expert) assignments of real tokens that
+    went to each expert (each row sums to 1; for a dense router (LoRAMoE), which sends every token to every
+    expert, the fraction of the routing weight instead); "experts" (L,), each layer's expert count (a layer
+    with fewer than E experts has zeros after them: MoLA's per-layer counts); "entropy" (L,), the mean over
+    real tokens of the entropy (nats) of softmax(router logits) (log E = uniform); "gate" (L,), the mean
+    sigmoid quality gate, if present. A layer's aux may pool several routers ("routers": P, moe_linear.py)."""
+    load, ent, gate = [], [], []
+    for a in aux_list:
+        if not a or "router_logits" not in a:
+            continue                                                # not a MoE layer
+        n = a["router_logits"].shape[0] // a.get("routers", 1)      # tokens per router
+        m0 = torch.ones(n, dtype=torch.bool) if token_mask is None else token_mask.reshape(n).bool().cpu()
+        m = m0.repeat(a.get("routers", 1))                          # (P*N,) the mask of every router
+        w = a["router_weights"].detach().float().cpu()[m]           # (n', E)
+        c = w.sum(0) if a.get("dense") else (w > 0).float().sum(0)  # (E,) weight mass or assignments
+        load.append(c / c.sum().clamp(min=1e-12 if a.get("dense") else 1.0))
+        logp = F.log_softmax(a["router_logits"].detach().float().cpu()[m], dim=-1)   # (n, E)
+        ent.append(-(logp.exp() * logp).sum(-1).mean())
+        if "gate_logits" in a:
+            gate.append(torch.sigmoid(a["gate_logits"].detach().float().cpu().reshape(n)[m0]).mean())
+    E = max((len(c) for c in load), default=0)
+    out = {"load": torch.stack([F.pad(c, (0, E - len(c))) for c in load]) if load else torch.zeros(0),
+           "experts": torch.tensor([len(c) for c in load]),
+           "entropy": torch.stack(ent) if ent else torch.zeros(0)}
+    if gate:
+        out["gate"] = torch.stack(gate)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ import guards
 import kernels
 import llama
 import tokenizer
-from moe_lora import load_adapter
+from adapter_files import load_adapter
 from progress import Progress, track
 
 FRACTION_ERROR = "--select: the fraction must be in (0, 1], got {}"

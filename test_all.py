@@ -10,7 +10,7 @@ Run: python -m pytest -q test_all.py   (one class: -k TestLora)
 
 Layout: the fixtures and builders that several classes share, then one class per source file in the order of
 the README's Files table (TestLlama, TestTokenizer, TestGenerate, TestCheckpoints, TestTaskData, TestKernels,
-TestLora, TestRouters, TestMoELoRA, TestMoELinear, TestLosses, TestData, TestCloze, TestTrain, TestMulti,
+TestLora, TestRouters, TestMoELoRA, TestMoELinear, TestAdapterFiles, TestLosses, TestData, TestCloze, TestTrain, TestMulti,
 TestGuards, TestSelection, TestBench, TestStudy, TestMemory, TestPlot, TestProgress), each preceded by the helpers only it uses.
 """
 
@@ -37,6 +37,7 @@ import cloze
 import data
 import evaluation
 import generate
+import adapter_files
 import guards
 import kernels
 import llama
@@ -51,14 +52,14 @@ import selection
 import task_data
 import tokenizer
 import train
-from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, load_peft_adapter, lora_layers,
-    lora_plus_param_groups, mark_trainable, merge_adapters, save_merged, save_peft_adapter,
-    unmerge_adapters)
+from adapter_files import adapter_tensors, load_adapter, load_peft_adapter, save_adapter, save_peft_adapter
+from lora import (PROJECTIONS, LoraConfig, LoRALinear, inject_lora, lora_layers, lora_plus_param_groups,
+    mark_trainable, merge_adapters, save_merged, unmerge_adapters)
 from losses import classification_loss, lm_loss, load_balancing_loss, quality_loss, router_z_loss
-from moe_lora import (MIXLORA_STRATEGIES, MixLoRAConfig, MixLoRAFFN, adapter_tensors, inject_adapter, load_adapter,
-    router_stats, save_adapter)
+from moe_lora import MIXLORA_STRATEGIES, MixLoRAConfig, MixLoRAFFN, inject_adapter
 from moe_linear import LoRAMoEConfig, MoELoRALinear, MoLAConfig
-from routers import Router, RouterConfig, expert_capacity, switch_weights, top_k_weights, top_p_weights, STRATEGIES
+from routers import (Router, RouterConfig, expert_capacity, router_stats, switch_weights, top_k_weights, top_p_weights,
+    STRATEGIES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1251,7 +1252,7 @@ def hand_layer(r, alpha, A, B, use_rslora=False, use_dora=False):
 
 
 class TestLora:
-    """lora.py: LoRA, rsLoRA and DoRA by hand, injection, training, merging, PEFT files."""
+    """lora.py: LoRA, rsLoRA and DoRA by hand, injection, training, merging."""
 
     @pytest.mark.parametrize("use_dora", [False, True])
     def test_noop_at_init(self, use_dora):
@@ -1424,45 +1425,6 @@ class TestLora:
         assert not lora_layers(loaded)
         torch.testing.assert_close(loaded(IDS).logits, ref, rtol=1e-5, atol=1e-5)
 
-    @pytest.mark.parametrize("use_dora", [False, True])
-    def test_save_load_reproduces_logits(self, tmp_path, use_dora):
-        """An adapter saved then loaded into a fresh base model gives bit-identical logits (with a score head)."""
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
-        model = inject_lora(tiny_llama(), cfg)
-        randomize_adapters(model)
-        model.score = nn.Linear(32, 3, bias=False)
-        out = model(IDS)
-        save_peft_adapter(model, str(tmp_path / "a"), base_model_name_or_path="tiny")
-        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
-        assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
-        loaded = load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
-        out2 = loaded(IDS)
-        assert torch.equal(out2.logits, out.logits)
-        assert torch.equal(loaded.score(out2.hidden), model.score(out.hidden))
-        assert loaded.adapter_config.use_dora == use_dora
-
-    def test_load_bin_adapter(self, tmp_path):
-        """An adapter_model.bin (torch.save'd dict, PEFT names, no DoRA magnitudes as the reference writes) loads."""
-        cfg = LoraConfig(r=2, target_modules=["k_proj", "up_proj"], use_dora=True)
-        model = inject_lora(tiny_llama(), cfg)
-        randomize_adapters(model)
-        save_peft_adapter(model, str(tmp_path / "a"))
-        from safetensors.torch import load_file
-        sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-        torch.save({k: v for k, v in sd.items() if "magnitude" not in k}, tmp_path / "a" / "adapter_model.bin")
-        os.remove(tmp_path / "a" / "adapter_model.safetensors")
-        loaded = load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
-        for (_, m), (_, m2) in zip(lora_layers(model), lora_layers(loaded)):
-            assert torch.equal(m.lora_B, m2.lora_B)
-            torch.testing.assert_close(m2.magnitude.detach(), m2.weight_norm())  # reference behaviour: m/n = 1
-
-    def test_shape_mismatch_names_tensor(self, tmp_path):
-        """Loading into a model of other shapes fails with an error naming the tensor."""
-        model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-        save_peft_adapter(model, str(tmp_path / "a"))
-        with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape"):
-            load_peft_adapter(tiny_llama(hidden_size=48, head_dim=8), str(tmp_path / "a"))
-
     def test_bad_inputs(self, tmp_path):
         """Missing config, unknown peft_type, absent target, r <= 0 and too-large r each raise one clear error."""
         with pytest.raises(FileNotFoundError, match="adapter_config.json"):
@@ -1484,90 +1446,13 @@ class TestLora:
         with pytest.raises(ValueError, match="already has a LoRA adapter"):
             inject_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
 
-    @pytest.mark.parametrize("fmt", ["lora", "mixlora", "mixlora-bin"])
-    @pytest.mark.parametrize("how,words", [
-        ("weights", "not a readable adapter file"), ("config", "adapter_config.json: not valid JSON"),
-        ("list", "adapter_config.json: expected a JSON object"), ("r", "adapter_config.json: r must be a positive integer"),
-        ("inf", "holds NaN or inf values"), ("int", "expected floating point"),
-    ])
-    def test_corrupt_adapter_files_are_one_line_errors(self, tmp_path, fmt, how, words):
-        """A truncated weights file, a broken or ill-typed config, a NaN/inf or integer tensor: one line naming the file."""
-        if fmt == "lora":
-            save_peft_adapter(inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])), str(tmp_path / "a"))
-        else:
-            save_adapter(mixlora_model(), tmp_path / "a", format="mixlora" if fmt == "mixlora-bin" else "peft")
-        weights = next(p for p in (tmp_path / "a").iterdir() if p.name.startswith("adapter_model"))
-        cfg_path = tmp_path / "a" / "adapter_config.json"
-        if how == "weights":
-            weights.write_bytes(weights.read_bytes()[:100])
-        elif how in ("config", "list"):
-            cfg_path.write_text('{"peft' if how == "config" else "[1]")
-        elif how == "r":
-            cfg_path.write_text(json.dumps({**json.load(open(cfg_path)), "r": "8"}))
-        else:
-            sd = lora.read_adapter_files(str(tmp_path / "a"))[1]
-            key = sorted(sd)[0]
-            sd[key] = torch.full_like(sd[key], float("inf")) if how == "inf" else sd[key].int()
-            torch.save(sd, weights) if weights.suffix == ".bin" else lora.save_file(sd, str(weights))
-        with pytest.raises(ValueError) as e:
-            load_adapter(tiny_llama(), tmp_path / "a")
-        assert words in str(e.value) and str(tmp_path / "a") in str(e.value) and "\n" not in str(e.value)
-
-    def test_peft_interop(self, tmp_path):
-        """PEFT LoRA/DoRA adapters load here with the same logits, and ours load in PEFT with the same logits."""
-        transformers = pytest.importorskip("transformers")
-        peft = pytest.importorskip("peft")
-        llama.save_pretrained(tiny_llama(), str(tmp_path / "base"))
-        hf_base = lambda cls=transformers.LlamaForCausalLM, **kw: cls.from_pretrained(
-            str(tmp_path / "base"), dtype=torch.float32, **kw).eval()
-        worst = 0.0
-        for use_dora in (False, True):
-            # PEFT -> ours
-            torch.manual_seed(0)
-            pcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(PROJECTIONS), use_dora=use_dora)
-            pm = peft.get_peft_model(hf_base(), pcfg)
-            with torch.no_grad():
-                for name, p in pm.named_parameters():
-                    if "lora_B" in name or "magnitude" in name:
-                        p.add_(torch.randn_like(p) * 0.1)
-            pm.save_pretrained(str(tmp_path / f"peft{use_dora}"))
-            ref = pm.eval()(IDS).logits
-            assert (ref - hf_base()(IDS).logits).abs().max() > 1e-3  # the adapter really changes the logits
-            ours = load_peft_adapter(llama.from_pretrained(str(tmp_path / "base")), str(tmp_path / f"peft{use_dora}"))
-            diff = (ours.eval()(IDS).logits - ref).abs().max().item()
-            # ours -> PEFT
-            ours2 = inject_lora(llama.from_pretrained(str(tmp_path / "base")),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS), use_dora=use_dora))
-            randomize_adapters(ours2)
-            save_peft_adapter(ours2, str(tmp_path / f"ours{use_dora}"), base_model_name_or_path=str(tmp_path / "base"))
-            pm2 = peft.PeftModel.from_pretrained(hf_base(), str(tmp_path / f"ours{use_dora}")).eval()
-            diff2 = (pm2(IDS).logits - ours2.eval()(IDS).logits).abs().max().item()
-            assert (pm2(IDS).logits - hf_base()(IDS).logits).abs().max() > 1e-3
-            print(f"dora={use_dora}: PEFT->ours max |dlogit| {diff:.2e}, ours->PEFT {diff2:.2e}")
-            assert diff < 1e-4 and diff2 < 1e-4
-            worst = max(worst, diff, diff2)
-        # classification head (modules_to_save ["score"]) both ways; HF pools the last non-pad token
-        ours3 = inject_lora(llama.from_pretrained(str(tmp_path / "base")), LoraConfig(r=2, target_modules=["q_proj"]))
-        randomize_adapters(ours3)
-        ours3.score = nn.Linear(32, 3, bias=False)
-        save_peft_adapter(ours3, str(tmp_path / "cls"))
-        hf_cls = hf_base(transformers.LlamaForSequenceClassification, num_labels=3)
-        pm3 = peft.PeftModel.from_pretrained(hf_cls, str(tmp_path / "cls")).eval()
-        ref3 = ours3.score(ours3(IDS).hidden[:, -1])  # (B, C)
-        diff3 = (pm3(IDS).logits - ref3).abs().max().item()
-        pm3.save_pretrained(str(tmp_path / "cls2"))
-        ours4 = load_peft_adapter(llama.from_pretrained(str(tmp_path / "base")), str(tmp_path / "cls2"))
-        diff4 = (ours4.score(ours4(IDS).hidden[:, -1]) - pm3(IDS).logits).abs().max().item()
-        print(f"SEQ_CLS score head: ours->PEFT {diff3:.2e}, PEFT->ours {diff4:.2e}; worst LM logit diff {worst:.2e}")
-        assert diff3 < 1e-4 and diff4 < 1e-4
-
 
 # ----------------------------------------------------------------------------------------------------
 # routers.py
 
 
 class TestRouters:
-    """routers.py: the pure routing rules and the Router module of every strategy."""
+    """routers.py: the pure routing rules, the Router module of every strategy, the routing statistics."""
 
     def test_switch_selection_counts_tokens_past_capacity(self):
         """The Switch router's selection is the argmax before the capacity cut: a dropped token still counts."""
@@ -1723,6 +1608,26 @@ class TestRouters:
             RouterConfig(**kwargs)
         assert "\n" not in str(err.value)
 
+    def test_router_stats_sum_to_one(self):
+        """router_stats: per layer the expert load over real tokens sums to 1 and 0 <= entropy <= log E."""
+        model = mixlora_model(routing_strategy="mixlora-dynamic")
+        out = model(IDS, attention_mask=MASK)
+        stats = router_stats(out.aux, MASK)
+        assert stats["load"].shape == (2, 4) and stats["gate"].shape == (2,)
+        torch.testing.assert_close(stats["load"].sum(-1), torch.ones(2))
+        assert (stats["entropy"] >= 0).all() and (stats["entropy"] <= math.log(4) + 1e-6).all()
+
+    def test_loramoe_load_is_its_routing_weight_share(self):
+        """router_stats of a dense router (LoRAMoE: every expert on every token) reports each expert's share of the
+        routing weight over the real tokens of the layer's routers, not the (uniform) assignment counts."""
+        model = moe_linear_model("loramoe", num_experts=3).eval()
+        out = model(IDS, attention_mask=MASK)
+        load = router_stats(out.aux, MASK.reshape(-1))["load"]                  # (L, E)
+        a = out.aux[1]
+        w = a["router_weights"].reshape(a["routers"], -1, 3)[:, MASK.reshape(-1)]  # (P, real tokens, E)
+        assert_close(load[1], w.reshape(-1, 3).mean(0))
+        assert not torch.allclose(load[1], torch.full((3,), 1 / 3))
+
 
 # ----------------------------------------------------------------------------------------------------
 # moe_lora.py
@@ -1751,21 +1656,8 @@ def disk_full(*args, **kwargs):
     raise OSError("disk full")
 
 
-def package_logits(adapter_dir):
-    """Logits of the `mixlora` package on transformers' Llama, eval mode, expert dropout off (mixlora.md sec. 8)."""
-    from mixlora import MixLoraModelForCausalLM
-    hf, _ = MixLoraModelForCausalLM.from_pretrained(str(adapter_dir), torch_dtype=torch.float32)
-    hf.eval()
-    for layer in hf.model.layers:
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
-    with torch.no_grad():
-        return hf(input_ids=IDS).logits
-
-
 class TestMoELoRA:
-    """moe_lora.py: the MixLoRA FFN against the per-expert loop, the quality gate, the model, the adapter files."""
+    """moe_lora.py: the MixLoRA FFN against the per-expert loop, the quality gate, the model."""
 
     @pytest.mark.parametrize("grouped", [True, False])
     def test_single_expert_equals_dense_lora_ffn(self, grouped):
@@ -1920,15 +1812,6 @@ class TestMoELoRA:
         for n, g in grads[0].items():
             torch.testing.assert_close(grads[1][n], g, rtol=0, atol=0, msg=n)
 
-    def test_router_stats_sum_to_one(self):
-        """router_stats: per layer the expert load over real tokens sums to 1 and 0 <= entropy <= log E."""
-        model = mixlora_model(routing_strategy="mixlora-dynamic")
-        out = model(IDS, attention_mask=MASK)
-        stats = router_stats(out.aux, MASK)
-        assert stats["load"].shape == (2, 4) and stats["gate"].shape == (2,)
-        torch.testing.assert_close(stats["load"].sum(-1), torch.ones(2))
-        assert (stats["entropy"] >= 0).all() and (stats["entropy"] <= math.log(4) + 1e-6).all()
-
     def test_bad_configs(self):
         """Bad settings give one-line ValueErrors naming the setting."""
         bad = [dict(trash_expert_mode="bin"), dict(quality_loss_type="hinge"), dict(top_k=9),
@@ -1952,25 +1835,6 @@ class TestMoELoRA:
         assert model.model.layers[0].self_attn.v_proj.lora_A.shape == (4, 32)
         proj = model.model.layers[0].mlp.down_proj
         assert proj.experts[1].lora_A.shape == (2, 48) and proj.scaling == 3.0
-
-    @pytest.mark.parametrize("use_dora", [False, True])
-    @pytest.mark.parametrize("fmt", ["peft", "mixlora"])
-    def test_save_load_roundtrip(self, tmp_path, fmt, use_dora):
-        """save_adapter -> load_adapter into a fresh base model reproduces every tensor and the logits exactly."""
-        model = mixlora_model(use_dora=use_dora, routing_strategy="mixlora-dynamic", expert_lora={"r": 2},
-                              lora_dropout=0.05).eval()
-        save_adapter(model, tmp_path / "a", format=fmt)
-        files = sorted(os.listdir(tmp_path / "a"))
-        assert files == ["adapter_config.json", "adapter_model.bin" if fmt == "mixlora" else "adapter_model.safetensors"]
-        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
-        assert config["peft_type"] == "MIXLORA" and config["act_fn"] == "silu"
-        loaded = load_adapter(tiny_llama(), tmp_path / "a")
-        assert loaded.adapter_config == model.adapter_config
-        a, b = adapter_tensors(model), adapter_tensors(loaded)
-        assert a.keys() == b.keys() and "mixlora.layers.1.mlp.up_proj.experts.3.lora_B.weight" in a
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
 
     @pytest.mark.parametrize("where", ["adapter", "pretrained", "folder"])
     def test_failed_save_leaves_previous_version_byte_identical(self, tmp_path, monkeypatch, where):
@@ -2001,86 +1865,6 @@ class TestMoELoRA:
         assert folder_bytes(dest) == before and sorted(os.listdir(tmp_path)) == ["out"]
         save()                                      # and the next save replaces it
         assert folder_bytes(dest) != before or where == "folder"
-
-    def test_interrupted_rename_is_recovered_by_the_loader(self, tmp_path, capsys):
-        """A crash between atomic_folder's two renames leaves only out.prev: the loaders move it back (and say so);
-        a later save keeps the user's other files and drops the other weights format."""
-        model = mixlora_model().eval()
-        save_adapter(model, tmp_path / "a", format="mixlora")
-        (tmp_path / "a" / "notes.txt").write_text("mine")
-        os.replace(tmp_path / "a", tmp_path / "a.prev")                      # the state after a crash mid-swap
-        loaded = load_adapter(tiny_llama(), tmp_path / "a")
-        assert "moved it back" in capsys.readouterr().err and not os.path.exists(tmp_path / "a.prev")
-        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
-        save_adapter(model, tmp_path / "a")                                  # now the safetensors layout
-        assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
-        base = tmp_path / "ck"
-        llama.save_pretrained(tiny_llama(), base)
-        os.replace(base, str(base) + ".prev")
-        assert llama.from_pretrained(str(base)).config.hidden_size == 32
-
-    def test_reference_names_and_config(self, tmp_path):
-        """The reference layout has the names and config values the `mixlora` package requires (mixlora.md sec. 8)."""
-        model = mixlora_model(quality_gate=False)
-        save_adapter(model, tmp_path / "a", format="mixlora")
-        sd = torch.load(tmp_path / "a" / "adapter_model.bin", weights_only=True)
-        assert sd["mixlora.layers.0.mlp.moe_gate.weight"].shape == (4, 32)
-        assert sd["mixlora.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, 32)
-        assert sd["mixlora.layers.0.mlp.down_proj.experts.2.lora_A.weight"].shape == (4, 48)
-        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
-        assert config["lora_alpha"] == 8 and isinstance(config["lora_alpha"], int) and config["lora_dropout"] > 0
-        assert config["task_type"] == "CAUSAL_LM" and config["routing_strategy"] == "mixlora"
-
-    def test_expert_count_mismatch_is_an_error(self, tmp_path):
-        """An adapter whose weights hold a different number of experts than its config is refused."""
-        save_adapter(mixlora_model(), tmp_path / "a", format="mixlora")
-        path = tmp_path / "a" / "adapter_config.json"
-        config = json.load(open(path))
-        config["num_experts"] = 3
-        json.dump(config, open(path, "w"))
-        with pytest.raises(ValueError, match="num_experts=3"):
-            load_adapter(tiny_llama(), tmp_path / "a")
-
-    def test_plain_lora_goes_through_peft(self, tmp_path):
-        """A LoraConfig adapter saves in the PEFT layout and load_adapter dispatches it back to lora.py."""
-        model = inject_adapter(tiny_llama(), lora.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
-        randomize(model)
-        save_adapter(model, tmp_path / "p")
-        assert json.load(open(tmp_path / "p" / "adapter_config.json"))["peft_type"] == "LORA"
-        loaded = load_adapter(tiny_llama(), tmp_path / "p")
-        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
-        with pytest.raises(ValueError, match="MixLoRA"):
-            save_adapter(model, tmp_path / "q", format="mixlora")
-
-    def test_mixlora_package_interop(self, tmp_path):
-        """Our reference-format export gives the package's logits, and a file in the package's layout loads here."""
-        pytest.importorskip("transformers")
-        pytest.importorskip("mixlora")
-        base = tiny_llama()
-        llama.save_pretrained(base, str(tmp_path / "base"))
-        # 1. ours -> package
-        model = mixlora_model(quality_gate=False, lora_dropout=0.05).eval()
-        model.adapter_config.base_model_name_or_path = str(tmp_path / "base")
-        save_adapter(model, tmp_path / "ours", format="mixlora")
-        with torch.no_grad():
-            ours = model(IDS).logits
-            assert (ours - base(IDS).logits).abs().max() > 1e-2  # the adapter matters
-        diff1 = (package_logits(tmp_path / "ours") - ours).abs().max().item()
-        # 2. package layout -> ours: random tensors under the reference names, MoE-PEFT's config keys
-        g = torch.Generator().manual_seed(3)
-        weights = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapter_tensors(model).items()}
-        os.makedirs(tmp_path / "theirs")
-        torch.save(weights, tmp_path / "theirs" / "adapter_model.bin")
-        config = {"bias": "none", "peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
-                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
-                  "routing_strategy": "mixlora", "num_experts": 4, "act_fn": "silu", "top_k": 2,
-                  "base_model_name_or_path": str(tmp_path / "base"), "task_type": "CAUSAL_LM"}
-        json.dump(config, open(tmp_path / "theirs" / "adapter_config.json", "w"))
-        loaded = load_adapter(llama.from_pretrained(str(tmp_path / "base")), tmp_path / "theirs").eval()
-        with torch.no_grad():
-            diff2 = (package_logits(tmp_path / "theirs") - loaded(IDS).logits).abs().max().item()
-        print(f"max |logit diff| ours->package {diff1:.2e}, package->ours {diff2:.2e}")
-        assert diff1 < 1e-4 and diff2 < 1e-4
 
     @pytest.mark.parametrize("adapter", ["lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch", "gate"])
     def test_bf16_autocast_matches_fp32(self, adapter):
@@ -2151,7 +1935,7 @@ def moe_peft_forward(model, name, ids):
 
 
 class TestMoELinear:
-    """moe_linear.py: LoRAMoE and MoLA by hand, against plain LoRA, their files, MoE-PEFT 2.0.2 as the oracle."""
+    """moe_linear.py: LoRAMoE and MoLA by hand, against plain LoRA, MoE-PEFT 2.0.2 as the oracle."""
 
     def test_loramoe_hand_worked_2_experts_3_tokens(self):
         """LoRAMoE: y = W0 x + sum_e softmax(W_g x)_e s B_e A_e x, worked out by hand (p = sigmoid(1))."""
@@ -2228,17 +2012,6 @@ class TestMoELinear:
         with pytest.raises(ValueError, match="per-layer"):
             save_adapter(model, tmp_path / "b", format="mixlora")     # MoE-PEFT has one count
 
-    def test_loramoe_load_is_its_routing_weight_share(self):
-        """router_stats of a dense router (LoRAMoE: every expert on every token) reports each expert's share of the
-        routing weight over the real tokens of the layer's routers, not the (uniform) assignment counts."""
-        model = moe_linear_model("loramoe", num_experts=3).eval()
-        out = model(IDS, attention_mask=MASK)
-        load = router_stats(out.aux, MASK.reshape(-1))["load"]                  # (L, E)
-        a = out.aux[1]
-        w = a["router_weights"].reshape(a["routers"], -1, 3)[:, MASK.reshape(-1)]  # (P, real tokens, E)
-        assert_close(load[1], w.reshape(-1, 3).mean(0))
-        assert not torch.allclose(load[1], torch.full((3,), 1 / 3))
-
     @pytest.mark.parametrize("kind", ["loramoe", "mola"])
     def test_moe_linear_gradients_reach_routers_and_experts(self, kind):
         """Every router and every expert's A and B get a gradient, through activation checkpointing; base weights none."""
@@ -2284,26 +2057,6 @@ class TestMoELinear:
             load_adapter(tiny_llama(), tmp_path / "a")
 
     @pytest.mark.parametrize("kind", ["loramoe", "mola"])
-    @pytest.mark.parametrize("fmt", ["peft", "mixlora"])
-    def test_moe_linear_save_load_roundtrip(self, tmp_path, kind, fmt):
-        """save_adapter -> load_adapter reproduces every tensor and the logits exactly, in both layouts, with the reference's names."""
-        model = moe_linear_model(kind, lora_dropout=0.05).eval()
-        save_adapter(model, tmp_path / "a", format=fmt)
-        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
-        assert config["peft_type"] == kind.upper() and config["routing_strategy"] == kind and config["num_experts"] == 3
-        loaded = load_adapter(tiny_llama(), tmp_path / "a").eval()
-        assert loaded.adapter_config == model.adapter_config
-        a, b = adapter_tensors(model), adapter_tensors(loaded)
-        assert a.keys() == b.keys()
-        names = {"loramoe": ["loramoe.layers.0.mlp.down_proj.experts.2.lora_A.weight",
-                             "loramoe.layers.1.mlp.gate_proj.moe_gate.weight", "loramoe.layers.0.self_attn.q_proj.lora_A.weight"],
-                 "mola": ["mola.layers.1.self_attn.k_proj.experts.2.lora_B.weight", "mola.layers.0.self_attn.o_proj.moe_gate.weight"]}
-        assert all(n in a for n in names[kind])
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
-
-    @pytest.mark.parametrize("kind", ["loramoe", "mola"])
     def test_moe_peft_parity(self, tmp_path, kind):
         """Same weights give MoE-PEFT 2.0.2's logits, loss and MoLA aux loss (fp32, 1e-4), and adapter files load both ways."""
         pytest.importorskip("transformers")
@@ -2347,6 +2100,263 @@ class TestMoELinear:
         print(kind, " ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
         assert (logits - base(IDS).logits).abs().max() > 1e-2          # the adapter matters
         assert max(diffs.values()) < 1e-4, diffs
+
+
+# ----------------------------------------------------------------------------------------------------
+# adapter_files.py
+
+
+def package_logits(adapter_dir):
+    """Logits of the `mixlora` package on transformers' Llama, eval mode, expert dropout off (mixlora.md sec. 8)."""
+    from mixlora import MixLoraModelForCausalLM
+    hf, _ = MixLoraModelForCausalLM.from_pretrained(str(adapter_dir), torch_dtype=torch.float32)
+    hf.eval()
+    for layer in hf.model.layers:
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    with torch.no_grad():
+        return hf(input_ids=IDS).logits
+
+
+class TestAdapterFiles:
+    """adapter_files.py: PEFT's layout (LoRA, DoRA, a score head) and the reference's (MixLoRA, LoRAMoE, MoLA):
+    exact round trips, the reference's names and config, one-line errors, PEFT and the `mixlora` package as oracles."""
+
+    @pytest.mark.parametrize("use_dora", [False, True])
+    def test_save_load_reproduces_logits(self, tmp_path, use_dora):
+        """An adapter saved then loaded into a fresh base model gives bit-identical logits (with a score head)."""
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
+        model = inject_lora(tiny_llama(), cfg)
+        randomize_adapters(model)
+        model.score = nn.Linear(32, 3, bias=False)
+        out = model(IDS)
+        save_peft_adapter(model, str(tmp_path / "a"), base_model_name_or_path="tiny")
+        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+        assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+        loaded = load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
+        out2 = loaded(IDS)
+        assert torch.equal(out2.logits, out.logits)
+        assert torch.equal(loaded.score(out2.hidden), model.score(out.hidden))
+        assert loaded.adapter_config.use_dora == use_dora
+
+    def test_load_bin_adapter(self, tmp_path):
+        """An adapter_model.bin (torch.save'd dict, PEFT names, no DoRA magnitudes as the reference writes) loads."""
+        cfg = LoraConfig(r=2, target_modules=["k_proj", "up_proj"], use_dora=True)
+        model = inject_lora(tiny_llama(), cfg)
+        randomize_adapters(model)
+        save_peft_adapter(model, str(tmp_path / "a"))
+        from safetensors.torch import load_file
+        sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+        torch.save({k: v for k, v in sd.items() if "magnitude" not in k}, tmp_path / "a" / "adapter_model.bin")
+        os.remove(tmp_path / "a" / "adapter_model.safetensors")
+        loaded = load_peft_adapter(tiny_llama(), str(tmp_path / "a"))
+        for (_, m), (_, m2) in zip(lora_layers(model), lora_layers(loaded)):
+            assert torch.equal(m.lora_B, m2.lora_B)
+            torch.testing.assert_close(m2.magnitude.detach(), m2.weight_norm())  # reference behaviour: m/n = 1
+
+    def test_shape_mismatch_names_tensor(self, tmp_path):
+        """Loading into a model of other shapes fails with an error naming the tensor."""
+        model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+        save_peft_adapter(model, str(tmp_path / "a"))
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape"):
+            load_peft_adapter(tiny_llama(hidden_size=48, head_dim=8), str(tmp_path / "a"))
+
+    @pytest.mark.parametrize("fmt", ["lora", "mixlora", "mixlora-bin"])
+    @pytest.mark.parametrize("how,words", [
+        ("weights", "not a readable adapter file"), ("config", "adapter_config.json: not valid JSON"),
+        ("list", "adapter_config.json: expected a JSON object"), ("r", "adapter_config.json: r must be a positive integer"),
+        ("inf", "holds NaN or inf values"), ("int", "expected floating point"),
+    ])
+    def test_corrupt_adapter_files_are_one_line_errors(self, tmp_path, fmt, how, words):
+        """A truncated weights file, a broken or ill-typed config, a NaN/inf or integer tensor: one line naming the file."""
+        if fmt == "lora":
+            save_peft_adapter(inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])), str(tmp_path / "a"))
+        else:
+            save_adapter(mixlora_model(), tmp_path / "a", format="mixlora" if fmt == "mixlora-bin" else "peft")
+        weights = next(p for p in (tmp_path / "a").iterdir() if p.name.startswith("adapter_model"))
+        cfg_path = tmp_path / "a" / "adapter_config.json"
+        if how == "weights":
+            weights.write_bytes(weights.read_bytes()[:100])
+        elif how in ("config", "list"):
+            cfg_path.write_text('{"peft' if how == "config" else "[1]")
+        elif how == "r":
+            cfg_path.write_text(json.dumps({**json.load(open(cfg_path)), "r": "8"}))
+        else:
+            sd = adapter_files.read_adapter_files(str(tmp_path / "a"))[1]
+            key = sorted(sd)[0]
+            sd[key] = torch.full_like(sd[key], float("inf")) if how == "inf" else sd[key].int()
+            torch.save(sd, weights) if weights.suffix == ".bin" else adapter_files.save_file(sd, str(weights))
+        with pytest.raises(ValueError) as e:
+            load_adapter(tiny_llama(), tmp_path / "a")
+        assert words in str(e.value) and str(tmp_path / "a") in str(e.value) and "\n" not in str(e.value)
+
+    def test_peft_interop(self, tmp_path):
+        """PEFT LoRA/DoRA adapters load here with the same logits, and ours load in PEFT with the same logits."""
+        transformers = pytest.importorskip("transformers")
+        peft = pytest.importorskip("peft")
+        llama.save_pretrained(tiny_llama(), str(tmp_path / "base"))
+        hf_base = lambda cls=transformers.LlamaForCausalLM, **kw: cls.from_pretrained(
+            str(tmp_path / "base"), dtype=torch.float32, **kw).eval()
+        worst = 0.0
+        for use_dora in (False, True):
+            # PEFT -> ours
+            torch.manual_seed(0)
+            pcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(PROJECTIONS), use_dora=use_dora)
+            pm = peft.get_peft_model(hf_base(), pcfg)
+            with torch.no_grad():
+                for name, p in pm.named_parameters():
+                    if "lora_B" in name or "magnitude" in name:
+                        p.add_(torch.randn_like(p) * 0.1)
+            pm.save_pretrained(str(tmp_path / f"peft{use_dora}"))
+            ref = pm.eval()(IDS).logits
+            assert (ref - hf_base()(IDS).logits).abs().max() > 1e-3  # the adapter really changes the logits
+            ours = load_peft_adapter(llama.from_pretrained(str(tmp_path / "base")), str(tmp_path / f"peft{use_dora}"))
+            diff = (ours.eval()(IDS).logits - ref).abs().max().item()
+            # ours -> PEFT
+            ours2 = inject_lora(llama.from_pretrained(str(tmp_path / "base")),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS), use_dora=use_dora))
+            randomize_adapters(ours2)
+            save_peft_adapter(ours2, str(tmp_path / f"ours{use_dora}"), base_model_name_or_path=str(tmp_path / "base"))
+            pm2 = peft.PeftModel.from_pretrained(hf_base(), str(tmp_path / f"ours{use_dora}")).eval()
+            diff2 = (pm2(IDS).logits - ours2.eval()(IDS).logits).abs().max().item()
+            assert (pm2(IDS).logits - hf_base()(IDS).logits).abs().max() > 1e-3
+            print(f"dora={use_dora}: PEFT->ours max |dlogit| {diff:.2e}, ours->PEFT {diff2:.2e}")
+            assert diff < 1e-4 and diff2 < 1e-4
+            worst = max(worst, diff, diff2)
+        # classification head (modules_to_save ["score"]) both ways; HF pools the last non-pad token
+        ours3 = inject_lora(llama.from_pretrained(str(tmp_path / "base")), LoraConfig(r=2, target_modules=["q_proj"]))
+        randomize_adapters(ours3)
+        ours3.score = nn.Linear(32, 3, bias=False)
+        save_peft_adapter(ours3, str(tmp_path / "cls"))
+        hf_cls = hf_base(transformers.LlamaForSequenceClassification, num_labels=3)
+        pm3 = peft.PeftModel.from_pretrained(hf_cls, str(tmp_path / "cls")).eval()
+        ref3 = ours3.score(ours3(IDS).hidden[:, -1])  # (B, C)
+        diff3 = (pm3(IDS).logits - ref3).abs().max().item()
+        pm3.save_pretrained(str(tmp_path / "cls2"))
+        ours4 = load_peft_adapter(llama.from_pretrained(str(tmp_path / "base")), str(tmp_path / "cls2"))
+        diff4 = (ours4.score(ours4(IDS).hidden[:, -1]) - pm3(IDS).logits).abs().max().item()
+        print(f"SEQ_CLS score head: ours->PEFT {diff3:.2e}, PEFT->ours {diff4:.2e}; worst LM logit diff {worst:.2e}")
+        assert diff3 < 1e-4 and diff4 < 1e-4
+
+    @pytest.mark.parametrize("use_dora", [False, True])
+    @pytest.mark.parametrize("fmt", ["peft", "mixlora"])
+    def test_save_load_roundtrip(self, tmp_path, fmt, use_dora):
+        """save_adapter -> load_adapter into a fresh base model reproduces every tensor and the logits exactly."""
+        model = mixlora_model(use_dora=use_dora, routing_strategy="mixlora-dynamic", expert_lora={"r": 2},
+                              lora_dropout=0.05).eval()
+        save_adapter(model, tmp_path / "a", format=fmt)
+        files = sorted(os.listdir(tmp_path / "a"))
+        assert files == ["adapter_config.json", "adapter_model.bin" if fmt == "mixlora" else "adapter_model.safetensors"]
+        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+        assert config["peft_type"] == "MIXLORA" and config["act_fn"] == "silu"
+        loaded = load_adapter(tiny_llama(), tmp_path / "a")
+        assert loaded.adapter_config == model.adapter_config
+        a, b = adapter_tensors(model), adapter_tensors(loaded)
+        assert a.keys() == b.keys() and "mixlora.layers.1.mlp.up_proj.experts.3.lora_B.weight" in a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+    def test_interrupted_rename_is_recovered_by_the_loader(self, tmp_path, capsys):
+        """A crash between atomic_folder's two renames leaves only out.prev: the loaders move it back (and say so);
+        a later save keeps the user's other files and drops the other weights format."""
+        model = mixlora_model().eval()
+        save_adapter(model, tmp_path / "a", format="mixlora")
+        (tmp_path / "a" / "notes.txt").write_text("mine")
+        os.replace(tmp_path / "a", tmp_path / "a.prev")                      # the state after a crash mid-swap
+        loaded = load_adapter(tiny_llama(), tmp_path / "a")
+        assert "moved it back" in capsys.readouterr().err and not os.path.exists(tmp_path / "a.prev")
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+        save_adapter(model, tmp_path / "a")                                  # now the safetensors layout
+        assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+        base = tmp_path / "ck"
+        llama.save_pretrained(tiny_llama(), base)
+        os.replace(base, str(base) + ".prev")
+        assert llama.from_pretrained(str(base)).config.hidden_size == 32
+
+    def test_reference_names_and_config(self, tmp_path):
+        """The reference layout has the names and config values the `mixlora` package requires (mixlora.md sec. 8)."""
+        model = mixlora_model(quality_gate=False)
+        save_adapter(model, tmp_path / "a", format="mixlora")
+        sd = torch.load(tmp_path / "a" / "adapter_model.bin", weights_only=True)
+        assert sd["mixlora.layers.0.mlp.moe_gate.weight"].shape == (4, 32)
+        assert sd["mixlora.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, 32)
+        assert sd["mixlora.layers.0.mlp.down_proj.experts.2.lora_A.weight"].shape == (4, 48)
+        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+        assert config["lora_alpha"] == 8 and isinstance(config["lora_alpha"], int) and config["lora_dropout"] > 0
+        assert config["task_type"] == "CAUSAL_LM" and config["routing_strategy"] == "mixlora"
+
+    def test_expert_count_mismatch_is_an_error(self, tmp_path):
+        """An adapter whose weights hold a different number of experts than its config is refused."""
+        save_adapter(mixlora_model(), tmp_path / "a", format="mixlora")
+        path = tmp_path / "a" / "adapter_config.json"
+        config = json.load(open(path))
+        config["num_experts"] = 3
+        json.dump(config, open(path, "w"))
+        with pytest.raises(ValueError, match="num_experts=3"):
+            load_adapter(tiny_llama(), tmp_path / "a")
+
+    def test_plain_lora_goes_through_peft(self, tmp_path):
+        """A LoraConfig adapter saves in the PEFT layout and load_adapter dispatches it to load_peft_adapter."""
+        model = inject_adapter(tiny_llama(), lora.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+        randomize(model)
+        save_adapter(model, tmp_path / "p")
+        assert json.load(open(tmp_path / "p" / "adapter_config.json"))["peft_type"] == "LORA"
+        loaded = load_adapter(tiny_llama(), tmp_path / "p")
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="MixLoRA"):
+            save_adapter(model, tmp_path / "q", format="mixlora")
+
+    def test_mixlora_package_interop(self, tmp_path):
+        """Our reference-format export gives the package's logits, and a file in the package's layout loads here."""
+        pytest.importorskip("transformers")
+        pytest.importorskip("mixlora")
+        base = tiny_llama()
+        llama.save_pretrained(base, str(tmp_path / "base"))
+        # 1. ours -> package
+        model = mixlora_model(quality_gate=False, lora_dropout=0.05).eval()
+        model.adapter_config.base_model_name_or_path = str(tmp_path / "base")
+        save_adapter(model, tmp_path / "ours", format="mixlora")
+        with torch.no_grad():
+            ours = model(IDS).logits
+            assert (ours - base(IDS).logits).abs().max() > 1e-2  # the adapter matters
+        diff1 = (package_logits(tmp_path / "ours") - ours).abs().max().item()
+        # 2. package layout -> ours: random tensors under the reference names, MoE-PEFT's config keys
+        g = torch.Generator().manual_seed(3)
+        weights = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapter_tensors(model).items()}
+        os.makedirs(tmp_path / "theirs")
+        torch.save(weights, tmp_path / "theirs" / "adapter_model.bin")
+        config = {"bias": "none", "peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
+                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
+                  "routing_strategy": "mixlora", "num_experts": 4, "act_fn": "silu", "top_k": 2,
+                  "base_model_name_or_path": str(tmp_path / "base"), "task_type": "CAUSAL_LM"}
+        json.dump(config, open(tmp_path / "theirs" / "adapter_config.json", "w"))
+        loaded = load_adapter(llama.from_pretrained(str(tmp_path / "base")), tmp_path / "theirs").eval()
+        with torch.no_grad():
+            diff2 = (package_logits(tmp_path / "theirs") - loaded(IDS).logits).abs().max().item()
+        print(f"max |logit diff| ours->package {diff1:.2e}, package->ours {diff2:.2e}")
+        assert diff1 < 1e-4 and diff2 < 1e-4
+
+    @pytest.mark.parametrize("kind", ["loramoe", "mola"])
+    @pytest.mark.parametrize("fmt", ["peft", "mixlora"])
+    def test_moe_linear_save_load_roundtrip(self, tmp_path, kind, fmt):
+        """save_adapter -> load_adapter reproduces every tensor and the logits exactly, in both layouts, with the reference's names."""
+        model = moe_linear_model(kind, lora_dropout=0.05).eval()
+        save_adapter(model, tmp_path / "a", format=fmt)
+        config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+        assert config["peft_type"] == kind.upper() and config["routing_strategy"] == kind and config["num_experts"] == 3
+        loaded = load_adapter(tiny_llama(), tmp_path / "a").eval()
+        assert loaded.adapter_config == model.adapter_config
+        a, b = adapter_tensors(model), adapter_tensors(loaded)
+        assert a.keys() == b.keys()
+        names = {"loramoe": ["loramoe.layers.0.mlp.down_proj.experts.2.lora_A.weight",
+                             "loramoe.layers.1.mlp.gate_proj.moe_gate.weight", "loramoe.layers.0.self_attn.q_proj.lora_A.weight"],
+                 "mola": ["mola.layers.1.self_attn.k_proj.experts.2.lora_B.weight", "mola.layers.0.self_attn.o_proj.moe_gate.weight"]}
+        assert all(n in a for n in names[kind])
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,10 +56,11 @@ import options
 import resume
 import selection
 import tokenizer
+from adapter_files import save_adapter
 from evaluation import evaluate, format_results, forward, headline, load_report, load_summary, results_table
 from lora import lora_plus_param_groups
-from moe_lora import router_stats, save_adapter
 from progress import format_eta, track
+from routers import router_stats
 
 SMALL_EVAL = 50            # fewer evaluation examples than this: a warning that the figures are noisy
 
