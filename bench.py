@@ -19,7 +19,7 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
                           included even when tied) * tokens + causal attention 2 * 2 * B * H * hd * T(T+1)/2
                           per layer (QK^T and AV, upper triangle not counted).
     generate-cached/-uncached  greedy, batch 1, 64-token prompt, 64 new tokens (prefill included): the KV
-                          cache vs re-running the whole sequence each step (llama.generate(use_cache=False)).
+                          cache vs re-running the whole sequence each step (generate.generate(use_cache=False)).
     load-float32/-bfloat16  peak resident memory while loading, measured in a fresh subprocess: the
                           high-water mark (VmHWM) minus the RSS after `import torch, llama`, divided by the
                           size of the weights in that dtype (target <= 1.2x: no second copy of the weights).
@@ -68,6 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
+import generate
 import guards
 import kernels
 import llama
@@ -214,7 +215,7 @@ class Bench:
     DoRA / LoRA) fair: every row sees the same slow and fast moments."""
 
     def __init__(self, args):
-        self.args, self.device, self.dtype = args, torch.device(args.device), llama.DTYPES[args.dtype]
+        self.args, self.device, self.dtype = args, torch.device(args.device), generate.DTYPES[args.dtype]
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, 49152, (B, T + 1), generator=g)        # (B,T+1) random tokens
         self.prompt = torch.randint(0, 49152, (1, PROMPT), generator=g)     # (1,PROMPT)
@@ -255,7 +256,7 @@ class Bench:
         def fn():
             model.eval()
             with torch.inference_mode():
-                llama.generate(model, p, NEW, use_cache=use_cache)
+                generate.generate(model, p, NEW, use_cache=use_cache)
         return fn, NEW, None, {}, model
 
     def prepare_train(self, method, answer_only=False, autocast=False):
@@ -422,7 +423,7 @@ def load_child(path, dtype):
     with open("/proc/self/clear_refs", "w") as f:                           # VmHWM := current RSS
         f.write("5")
     t0 = time.perf_counter()
-    model = llama.from_pretrained(path, dtype=llama.DTYPES[dtype])
+    model = llama.from_pretrained(path, dtype=generate.DTYPES[dtype])
     ms = 1e3 * (time.perf_counter() - t0)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # tied counted once
     peak = (proc_status_kb("VmHWM") - base) / 1024
@@ -491,7 +492,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes, e.g. forward,train-mixlora,load")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (after one warm-up); medians are reported")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=list(llama.DTYPES), help="weights and compute dtype")
+    ap.add_argument("--dtype", default="float32", choices=list(generate.DTYPES), help="weights and compute dtype")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="LoRA dropout of the adapter rows (PEFT's default 0; train.py's 0.05 adds the masks' RNG cost)")
     ap.add_argument("--variants", default="plain,accelerated",

@@ -1,4 +1,4 @@
-"""Llama from scratch: the decoder, a Hugging Face checkpoint loader and writer, and KV-cached generation.
+"""Llama from scratch: the decoder (with its KV cache) and a Hugging Face checkpoint loader and writer.
 
 One file, plain PyTorch. It reads a Hugging Face checkpoint folder (config.json, *.safetensors,
 tokenizer.json) with no `transformers`, for the Llama family as users have it on disk: Llama 2,
@@ -13,8 +13,9 @@ References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, its rope 
 Checked against: the logits, NLL and greedy tokens of transformers' LlamaForCausalLM on
 SmolLM2-135M-Instruct (golden/smollm2-135m-instruct.json, logits to 1e-3 in fp32), see test_golden_parity in test_all.py.
 
-The tokenizer and chat template are tokenizer.py's; the command line (generate, chat, with an adapter) is
-generate.py's:  python generate.py [--model PATH] --prompt "The capital of France is" [--chat] [--adapter DIR]
+The tokenizer and chat template are tokenizer.py's; KV-cached generation and its command line (generate,
+chat, with an adapter) are generate.py's:
+    python generate.py [--model PATH] --prompt "The capital of France is" [--chat] [--adapter DIR]
 
 Shape legend: B batch, T time (new tokens), S keys (past + new), D hidden, H query heads, KV key/value
 heads, hd head dim, I FFN width, V vocab, M selected positions.
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoints  # GGUF files become checkpoint folders there; the default model's routes
 import guards  # atomic_folder: every save writes beside and renames into place
@@ -212,7 +212,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.KV * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache, i):
+    def forward(self, x, cos, sin, mask, *, cache=None, i=0):  # i: this layer's index in the cache
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)   # (B,H,T,hd)
         k = self.k_proj(x).view(B, T, self.KV, self.hd).transpose(1, 2)  # (B,KV,T,hd)
@@ -249,8 +249,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, i, token_mask):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
+    def forward(self, x, cos, sin, mask, token_mask, *, cache=None, i=0):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, i=i)
         out = self.mlp(self.post_attention_layernorm(h), token_mask)
         y, aux = out if isinstance(out, tuple) else (out, None)
         return h + y, aux
@@ -317,10 +317,10 @@ class LlamaForCausalLM(nn.Module):
             if self.gradient_checkpointing and self.training:
                 # context_fn: a model whose modules keep their own random streams replays them (multi.py)
                 ctx = getattr(self, "checkpoint_context", torch.utils.checkpoint.noop_context_fn)
-                x, a = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, token_mask,
+                x, a = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, token_mask, cache=cache, i=i,
                                                          use_reentrant=False, context_fn=ctx)
             else:
-                x, a = layer(x, cos, sin, mask, cache, i, token_mask)
+                x, a = layer(x, cos, sin, mask, token_mask, cache=cache, i=i)
             aux.append(a)
         if cache is not None:
             cache.length += T
@@ -421,7 +421,6 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     return model.eval()
 
 
-
 def save_pretrained(model, path, tokenizer_src=None, dtype=None):
     """Write config.json + model.safetensors (+ tokenizer files copied from tokenizer_src) with
     guards.atomic_folder: the previous folder stays whole until the new one is in place."""
@@ -442,65 +441,7 @@ def save_pretrained(model, path, tokenizer_src=None, dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generation with a KV cache
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None):
-    """logits (B,V) -> next ids (B,). Greedy at temperature 0; else top-k, then top-p (nucleus), then sample."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]   # (B,1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, idx = logits.sort(-1, descending=True)                     # (B,V)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p                           # keep the crossing token
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
-
-
-@torch.no_grad()
-def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-             attention_mask=None, use_cache=True):
-    """Return only the new ids (B, n_new). Batched prompts are left-padded (attention_mask 0 on the left).
-    Rows that hit eos_id keep emitting it; decoding stops once every row has. use_cache=False re-runs the
-    full sequence every step (the slow reference that the cached path must match token for token)."""
-    B, T = input_ids.shape
-    if T + max_new_tokens > model.config.context_length:
-        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context ({model.config.context_length})")
-    am = attention_mask  # None: no padding, so the forward skips building masks and positions from it
-    p = next(model.parameters())
-    cache = KVCache(model.config, B, T + max_new_tokens, p.dtype, p.device) if use_cache else None
-    ids, new = input_ids, []
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    step_ids = input_ids
-    # cuDNN's attention builds a new plan for every new key length (CPU time on every decoding step, see
-    # the README's GPU figures), so decoding leaves it out; the other kernels need no plan.
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        for _ in range(max_new_tokens):
-            x = step_ids if use_cache else ids
-            last = torch.zeros(x.shape, dtype=torch.bool, device=x.device)             # (B,T)
-            last[:, -1] = True  # LM head at the last position only (prompts are left-padded), not all T
-            logits = model(x, attention_mask=am, logits_mask=last, cache=cache).logits  # (B,V)
-            nxt = sample_next(logits, temperature, top_k, top_p)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            new.append(nxt)
-            step_ids = nxt[:, None]                                                   # (B,1)
-            ids = torch.cat([ids, step_ids], 1)
-            am = torch.cat([am, torch.ones_like(step_ids)], 1) if am is not None else None
-            if eos_id is not None and bool(done.all()):
-                break
-    return torch.stack(new, 1)                                                        # (B,n_new)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The command line is generate.py's (it also applies kernels.accelerate, which this file never imports)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 if __name__ == "__main__":  # `python llama.py ...` is `python generate.py ...`
     import generate

@@ -350,7 +350,7 @@ def _corrupt(tmp_path, how):
 
 
 class TestLlama:
-    """llama.py: HF checkpoints, golden parity, padding, KV cache, generation, the tokenizer, bad input, the CLI."""
+    """llama.py: HF checkpoints, golden parity, padding, the logits mask, bad input, the tokenizer."""
 
     def test_golden_parity(self):
         """On the real SmolLM2 checkpoint, fp32 logits match transformers to 1e-3, mean NLL to 1e-4, greedy exactly."""
@@ -369,7 +369,7 @@ class TestLlama:
             logp = torch.log_softmax(logits.double(), -1)
             nll = -logp[:-1].gather(1, ids[0, 1:, None]).mean().item()
             assert abs(nll - p["mean_nll"]) < 1e-4, (p["name"], nll)
-            assert llama.generate(model, ids, p["greedy"]["steps"])[0].tolist() == p["greedy"]["ids"], p["name"]
+            assert generate.generate(model, ids, p["greedy"]["steps"])[0].tolist() == p["greedy"]["ids"], p["name"]
 
     @needs_ckpt
     def test_golden_bf16_close(self):
@@ -464,33 +464,6 @@ class TestLlama:
             torch.testing.assert_close(part, model(ids).logits[sel])
         assert part.shape == (4, 48)
 
-    def test_kv_cache_greedy_equals_full_reforward(self, tmp_path):
-        """Cached greedy decoding of left-padded batched prompts gives exactly the full re-forward tokens."""
-        model = write_tiny_checkpoint(tmp_path)
-        ids = torch.randint(3, 48, (3, 6))
-        am = torch.ones(3, 6, dtype=torch.long)
-        am[1, :2], am[2, :4] = 0, 0
-        fast = llama.generate(model, ids, 12, attention_mask=am)
-        slow = llama.generate(model, ids, 12, attention_mask=am, use_cache=False)
-        assert fast.shape == (3, 12) and torch.equal(fast, slow)
-        alone = llama.generate(model, ids[2:, 4:], 12)                        # the padded row on its own
-        assert torch.equal(fast[2], alone[0])
-
-    def test_generate_eos_and_sampling(self, tmp_path):
-        """Rows that emit EOS keep emitting it; top-k=1 sampling equals greedy; sampling is seeded."""
-        model = write_tiny_checkpoint(tmp_path)
-        ids = torch.randint(3, 48, (2, 4))
-        greedy = llama.generate(model, ids, 8)
-        eos = greedy[0, 2].item()
-        out = llama.generate(model, ids, 8, eos_id=eos)
-        first = (out[0] == eos).nonzero()[0, 0]
-        assert (out[0, first:] == eos).all()
-        assert torch.equal(llama.generate(model, ids, 8, temperature=1.0, top_k=1), greedy)
-        torch.manual_seed(3)
-        a = llama.generate(model, ids, 8, temperature=1.0, top_p=0.9)
-        torch.manual_seed(3)
-        assert torch.equal(a, llama.generate(model, ids, 8, temperature=1.0, top_p=0.9))
-
 
     def test_hf_transformers_oracle(self, tmp_path):
         """Tiny Llama, Qwen2 and llama3-scaled checkpoints give transformers' logits (optional oracle)."""
@@ -526,7 +499,7 @@ class TestLlama:
         with pytest.raises(ValueError, match="context"):
             model(torch.zeros(1, 17, dtype=torch.long))
         with pytest.raises(ValueError, match="context"):
-            llama.generate(model, torch.zeros(1, 10, dtype=torch.long), 10)
+            generate.generate(model, torch.zeros(1, 10, dtype=torch.long), 10)
 
 
 
@@ -570,7 +543,8 @@ class TestTokenizer:
 
 
 class TestGenerate:
-    """generate.py: the generation command line, with and without an adapter, and its errors."""
+    """generate.py: KV-cached generation against the full re-forward, EOS and sampling; the command line, with and
+    without an adapter, and its errors."""
 
     def test_cli_errors_have_no_traceback(self, tmp_path):
         """python generate.py with a missing folder exits non-zero with one 'error:' line and no traceback."""
@@ -596,7 +570,7 @@ class TestGenerate:
         save_adapter(lora_model, str(tmp_path / "ad"))
         tok = tokenizer.load_tokenizer(str(tmp_path / "ck"))
         api = load_adapter(llama.from_pretrained(str(tmp_path / "ck")), str(tmp_path / "ad")).eval()
-        want = "the cat" + tok.decode(llama.generate(api, torch.tensor([tok.encode("the cat")]), 6, eos_id=tok.eos_id)[0].tolist())
+        want = "the cat" + tok.decode(generate.generate(api, torch.tensor([tok.encode("the cat")]), 6, eos_id=tok.eos_id)[0].tolist())
         argv = ["--model", str(tmp_path / "ck"), "--prompt", "the cat", "--max-new-tokens", "6"]
         r = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *argv, "--threads", "1", "--adapter", str(tmp_path / "ad")],
                            capture_output=True, text=True, cwd=tmp_path)
@@ -610,6 +584,33 @@ class TestGenerate:
         reply = cli("--chat", "--adapter", str(tmp_path / "ad"))
         shown = cli("--chat", "--show-template", "--adapter", str(tmp_path / "ad"))
         assert "user" not in reply and shown.startswith("user the cat") and shown.endswith(reply)
+
+    def test_kv_cache_greedy_equals_full_reforward(self, tmp_path):
+        """Cached greedy decoding of left-padded batched prompts gives exactly the full re-forward tokens."""
+        model = write_tiny_checkpoint(tmp_path)
+        ids = torch.randint(3, 48, (3, 6))
+        am = torch.ones(3, 6, dtype=torch.long)
+        am[1, :2], am[2, :4] = 0, 0
+        fast = generate.generate(model, ids, 12, attention_mask=am)
+        slow = generate.generate(model, ids, 12, attention_mask=am, use_cache=False)
+        assert fast.shape == (3, 12) and torch.equal(fast, slow)
+        alone = generate.generate(model, ids[2:, 4:], 12)                        # the padded row on its own
+        assert torch.equal(fast[2], alone[0])
+
+    def test_generate_eos_and_sampling(self, tmp_path):
+        """Rows that emit EOS keep emitting it; top-k=1 sampling equals greedy; sampling is seeded."""
+        model = write_tiny_checkpoint(tmp_path)
+        ids = torch.randint(3, 48, (2, 4))
+        greedy = generate.generate(model, ids, 8)
+        eos = greedy[0, 2].item()
+        out = generate.generate(model, ids, 8, eos_id=eos)
+        first = (out[0] == eos).nonzero()[0, 0]
+        assert (out[0, first:] == eos).all()
+        assert torch.equal(generate.generate(model, ids, 8, temperature=1.0, top_k=1), greedy)
+        torch.manual_seed(3)
+        a = generate.generate(model, ids, 8, temperature=1.0, top_p=0.9)
+        torch.manual_seed(3)
+        assert torch.equal(a, generate.generate(model, ids, 8, temperature=1.0, top_p=0.9))
 
 
 # ----------------------------------------------------------------------------------------------------
