@@ -511,11 +511,12 @@ parser = argparse.ArgumentParser(description="Select-MoE stages 2 and 2b: score 
                                  formatter_class=guards.HelpFormatter)
 arg = parser.add_argument
 # stage 2: scoring
-arg("--model", help="checkpoint folder, .gguf file or Hub id (checkpoints.py); with --score: score --data with it")
+arg("--model", help="checkpoint folder, .gguf file or Hub id the adapter was trained on (default: the default "
+    "model, checkpoints.py)")
 arg("--adapter-path", help="MixLoRA adapter folder with quality gates (train.py --warmup writes <out>/last)")
 arg("--data", help="the one data file to score and select from (alpaca JSON/JSONL, chat 'messages', 'text')")
-arg("--score", metavar="FILE", help="with --model: score every record of --data with the quality gate of "
-    "--adapter-path and write FILE (.jsonl or .safetensors); without --model: the scores --select reads")
+arg("--score", metavar="FILE", help="with --adapter-path: score every record of --data with its quality gate "
+    "and write FILE (.jsonl or .safetensors); without: the scores --select reads")
 arg("--quality-tokens", default="all", choices=QUALITY_TOKENS, help="positions the score q pools over: all valid "
     "tokens (reference) or answer, those that predict a target token; the same as the warm-up's")
 arg("--train-on-prompt", action="store_true", help="targets over the whole text, as a warm-up with it (for answer)")
@@ -545,10 +546,11 @@ arg("--auc", metavar="SCORES", help="print the ROC AUC of q in SCORES against it
 
 
 def main(argv=None):
-    """--make-mix, then --score (with --model) and --select, then --auc; no task at all prints the usage."""
+    """--make-mix, then --score (with --adapter-path: written) and --select, then --auc; no task at all prints
+    the usage."""
     args = parser.parse_args(argv)
     if not (args.make_mix or args.score or args.select is not None or args.auc):
-        parser.error("nothing to do: give --score (with --model to write it), --select, --make-mix or --auc")
+        parser.error("nothing to do: give --score (with --adapter-path to write it), --select, --make-mix or --auc")
     result = {}
     if args.make_mix:
         mix, rest = make_corrupted_mix([r for _, r in data.read_records(args.source)], args.n, args.corrupt_fraction)
@@ -558,7 +560,7 @@ def main(argv=None):
             write_subset(args.rest, [(None, r) for r in rest], range(len(rest)))
             print(f"wrote the {len(rest)} records not drawn to {args.rest}")
     if args.score or args.select is not None:
-        model, tok, device, ctx = load_model(args) if args.model else (None, None, "cpu", None)
+        model, tok, device, ctx = load_model(args) if args.model or args.adapter_path else (None, None, "cpu", None)
         result = run_selection(args, model, tok, device, ctx)
     if args.auc:
         sc = read_scores(args.auc)

@@ -3821,7 +3821,7 @@ class TestSelection:
         with pytest.raises(ValueError, match="labels must be 0/1"):
             selection.roc_auc([0.1, 0.2], [1, 1])
 
-    def test_train_warmup_score_select_commands(self, tmp_path):
+    def test_train_warmup_score_select_commands(self, tmp_path, monkeypatch):
         """train.py --warmup trains only gates and routers; selection.py --score then --select write scores and the subset."""
         train = pytest.importorskip("train")
         model = llama.LlamaForCausalLM(tiny_model().config)
@@ -3844,6 +3844,12 @@ class TestSelection:
         selection.main(["--model", ck, "--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
                         "--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
         assert [json.loads(line)["quality_tokens"] for line in open(scores)] == ["answer"] * 16
+        first = open(scores).read()
+        os.remove(scores)                                                       # no --model: the default model
+        monkeypatch.setattr(checkpoints, "resolve_model", lambda name=None: ck if name is None else name)
+        selection.main(["--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
+                        "--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
+        assert open(scores).read() == first
         selection.main(["--data", d, "--score", scores, "--select", "0.25", "--subset", sub, "--num-clusters", "2"])
         assert all(r in recs for _, r in data.read_records(sub)) and len(data.read_records(sub)) == 4
         assert json.load(open(sub + ".summary.json"))["quality_tokens"] == "answer"
