@@ -49,6 +49,7 @@ import options
 import resume
 import routers
 import selection
+import selection_cli
 import task_data
 import tokenizer
 import train
@@ -3592,7 +3593,7 @@ def alpaca_file(path, n=12):
 
 
 def selection_args(**kw):
-    args = selection.parser.parse_args([])
+    args = selection_cli.parser.parse_args([])
     args.max_len, args.batch_size = 64, 4
     for k, v in kw.items():
         setattr(args, k, v)
@@ -3608,7 +3609,7 @@ def answer_batch(tmp_path, n=5):
 
 
 class TestSelection:
-    """selection.py: Select-MoE scoring by hand, selection, the commands and their errors."""
+    """selection.py: Select-MoE scoring by hand, selection, the warm-up's gates, the errors."""
 
     def test_roc_auc_hand_case(self):
         """AUC is the share of (positive, negative) pairs ranked right, a tie counting 1/2."""
@@ -3703,44 +3704,6 @@ class TestSelection:
         torch.testing.assert_close(pushed["q"], res["q"])
         assert not torch.allclose(pushed_all["q"], selection.score_dataset(model, [batch], tokens="all", progress=False)["q"])
 
-    def test_scores_file_round_trip(self, tmp_path):
-        """Scores written as JSONL or safetensors read back with the same ids, q, routing and labels."""
-        s = {"q": torch.rand(5), "gate_logit_mean": torch.randn(5, 2), "routing": torch.rand(5, 2, 4),
-             "n_tokens": torch.tensor([3.0, 4, 5, 6, 7])}
-        ids, labels = [f"x{i}" for i in range(5)], [1, 0, None, 1, 0]
-        for name in ("s.jsonl", "s.safetensors"):
-            path = selection.write_scores(str(tmp_path / name), s, ids, labels, "answer")
-            back = selection.read_scores(path)
-            assert back["ids"] == ids and back["quality_tokens"] == "answer"
-            torch.testing.assert_close(back["q"], s["q"])
-            torch.testing.assert_close(back["routing"], s["routing"])
-            assert back["label"][:2].tolist() == [1, 0] and math.isnan(back["label"][2])
-        row = json.loads(open(tmp_path / "s.jsonl").readline())
-        assert set(row) == {"index", "id", "q", "quality_tokens", "label", "n_tokens", "gate_logit_mean", "routing"}
-
-    def test_score_then_select_writes_exact_records(self, tmp_path):
-        """--score writes one line per record with the expected fields; --select writes the exact records."""
-        tok, model = tiny_tokenizer(tmp_path), tiny_model()
-        recs = alpaca_file(tmp_path / "d.json", 12)
-        scores = str(tmp_path / "scores.jsonl")
-        args = selection_args(data=str(tmp_path / "d.json"), score=scores, select=0.5,
-                              subset=str(tmp_path / "sub.jsonl"), num_clusters=3)
-        out = selection.run_selection(args, model, tok, log=lambda *a: None)
-        rows = [json.loads(line) for line in open(scores)]
-        assert [r["id"] for r in rows] == [r["id"] for r in recs] and [r["label"] for r in rows] == [r["quality"] for r in recs]
-        assert len(rows[0]["routing"]) == 2 and len(rows[0]["routing"][0]) == 4 and 0 < rows[0]["q"] < 1
-        sub = [r for _, r in data.read_records(str(tmp_path / "sub.jsonl"))]
-        assert len(sub) == 6 and all(r in recs for r in sub)               # unchanged records, input format
-        assert [r["id"] for r in sub] == [recs[i]["id"] for i in sorted(out["selected"])]
-        assert 0 <= out["auc"] <= 1
-        summary = json.load(open(str(tmp_path / "sub.jsonl") + ".summary.json"))
-        assert summary["selected"] == 6 and sum(summary["cluster_taken"]) == 6
-        # select-only again from the file, as a JSON list this time: same choice
-        args2 = selection_args(data=str(tmp_path / "d.json"), score=scores, select=0.5,
-                               subset=str(tmp_path / "sub.json"), num_clusters=3)
-        selection.run_selection(args2, log=lambda *a: None)
-        assert json.load(open(tmp_path / "sub.json")) == sub
-
     def test_warmup_gates_train_alone_and_survive_save_load(self, tmp_path):
         """Gates added to a gate-less MixLoRA adapter: only gates and routers train, and they save/load."""
         model = tiny_model(gate=False)
@@ -3781,20 +3744,11 @@ class TestSelection:
         with torch.no_grad():
             torch.testing.assert_close(fresh(ids).logits, kept)
 
-    def test_make_corrupted_mix_shuffles_outputs(self):
-        """Corrupted records carry another record's output and label 0; clean ones are unchanged with label 1."""
-        recs = [{"instruction": f"i{k}", "input": "", "output": f"o{k}"} for k in range(20)]
-        mix, rest = selection.make_corrupted_mix(recs, 10, 0.5, seed=3)
-        assert len(mix) == 10 and sum(r["quality"] == 0 for r in mix) == 5 and len(rest) == 10
-        assert {r["instruction"] for r in mix}.isdisjoint(r["instruction"] for r in rest)
-        for r in mix:
-            assert (r["output"] == "o" + r["instruction"][1:]) == (r["quality"] == 1)
-
     def test_errors_are_one_line_value_errors(self, tmp_path):
         """Bad fraction, empty data, no gates, no MoE layers, mismatched scores: one-line ValueErrors."""
         for f in (0, -0.1, 1.5):
             with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
-                selection.run_selection(selection_args(select=f, score="s.jsonl"))
+                selection_cli.run_selection(selection_args(select=f, score="s.jsonl"))
         with pytest.raises(ValueError, match="empty dataset"):
             selection.score_dataset(tiny_model(), [], progress=False)
         with pytest.raises(ValueError, match="empty dataset"):
@@ -3812,14 +3766,69 @@ class TestSelection:
         with open(tmp_path / "empty.json", "w") as f:
             f.write("[]")
         with pytest.raises(ValueError, match="no records"):
-            selection.run_selection(selection_args(data=str(tmp_path / "empty.json"), score="s.jsonl", select=0.5))
+            selection_cli.run_selection(selection_args(data=str(tmp_path / "empty.json"), score="s.jsonl", select=0.5))
         alpaca_file(tmp_path / "d.json", 4)
         s = {"q": torch.rand(3), "gate_logit_mean": torch.randn(3, 2), "routing": torch.rand(3, 2, 4), "n_tokens": torch.ones(3)}
-        selection.write_scores(str(tmp_path / "s.jsonl"), s, ["a", "b", "c"])
+        selection_cli.write_scores(str(tmp_path / "s.jsonl"), s, ["a", "b", "c"])
         with pytest.raises(ValueError, match="has 3 samples but"):
-            selection.run_selection(selection_args(data=str(tmp_path / "d.json"), score=str(tmp_path / "s.jsonl"), select=0.5))
+            selection_cli.run_selection(selection_args(data=str(tmp_path / "d.json"), score=str(tmp_path / "s.jsonl"), select=0.5))
         with pytest.raises(ValueError, match="labels must be 0/1"):
             selection.roc_auc([0.1, 0.2], [1, 1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# selection_cli.py
+
+
+class TestSelectionCli:
+    """selection_cli.py: the scores file, the subset, the end-to-end check's data, the commands and their errors."""
+
+    def test_scores_file_round_trip(self, tmp_path):
+        """Scores written as JSONL or safetensors read back with the same ids, q, routing and labels."""
+        s = {"q": torch.rand(5), "gate_logit_mean": torch.randn(5, 2), "routing": torch.rand(5, 2, 4),
+             "n_tokens": torch.tensor([3.0, 4, 5, 6, 7])}
+        ids, labels = [f"x{i}" for i in range(5)], [1, 0, None, 1, 0]
+        for name in ("s.jsonl", "s.safetensors"):
+            path = selection_cli.write_scores(str(tmp_path / name), s, ids, labels, "answer")
+            back = selection_cli.read_scores(path)
+            assert back["ids"] == ids and back["quality_tokens"] == "answer"
+            torch.testing.assert_close(back["q"], s["q"])
+            torch.testing.assert_close(back["routing"], s["routing"])
+            assert back["label"][:2].tolist() == [1, 0] and math.isnan(back["label"][2])
+        row = json.loads(open(tmp_path / "s.jsonl").readline())
+        assert set(row) == {"index", "id", "q", "quality_tokens", "label", "n_tokens", "gate_logit_mean", "routing"}
+
+    def test_score_then_select_writes_exact_records(self, tmp_path):
+        """--score writes one line per record with the expected fields; --select writes the exact records."""
+        tok, model = tiny_tokenizer(tmp_path), tiny_model()
+        recs = alpaca_file(tmp_path / "d.json", 12)
+        scores = str(tmp_path / "scores.jsonl")
+        args = selection_args(data=str(tmp_path / "d.json"), score=scores, select=0.5,
+                              subset=str(tmp_path / "sub.jsonl"), num_clusters=3)
+        out = selection_cli.run_selection(args, model, tok, log=lambda *a: None)
+        rows = [json.loads(line) for line in open(scores)]
+        assert [r["id"] for r in rows] == [r["id"] for r in recs] and [r["label"] for r in rows] == [r["quality"] for r in recs]
+        assert len(rows[0]["routing"]) == 2 and len(rows[0]["routing"][0]) == 4 and 0 < rows[0]["q"] < 1
+        sub = [r for _, r in data.read_records(str(tmp_path / "sub.jsonl"))]
+        assert len(sub) == 6 and all(r in recs for r in sub)               # unchanged records, input format
+        assert [r["id"] for r in sub] == [recs[i]["id"] for i in sorted(out["selected"])]
+        assert 0 <= out["auc"] <= 1
+        summary = json.load(open(str(tmp_path / "sub.jsonl") + ".summary.json"))
+        assert summary["selected"] == 6 and sum(summary["cluster_taken"]) == 6
+        # select-only again from the file, as a JSON list this time: same choice
+        args2 = selection_args(data=str(tmp_path / "d.json"), score=scores, select=0.5,
+                               subset=str(tmp_path / "sub.json"), num_clusters=3)
+        selection_cli.run_selection(args2, log=lambda *a: None)
+        assert json.load(open(tmp_path / "sub.json")) == sub
+
+    def test_make_corrupted_mix_shuffles_outputs(self):
+        """Corrupted records carry another record's output and label 0; clean ones are unchanged with label 1."""
+        recs = [{"instruction": f"i{k}", "input": "", "output": f"o{k}"} for k in range(20)]
+        mix, rest = selection_cli.make_corrupted_mix(recs, 10, 0.5, seed=3)
+        assert len(mix) == 10 and sum(r["quality"] == 0 for r in mix) == 5 and len(rest) == 10
+        assert {r["instruction"] for r in mix}.isdisjoint(r["instruction"] for r in rest)
+        for r in mix:
+            assert (r["output"] == "o" + r["instruction"][1:]) == (r["quality"] == 1)
 
     def test_train_warmup_score_select_commands(self, tmp_path, monkeypatch):
         """train.py --warmup trains only gates and routers; selection.py --score then --select write scores and the subset."""
@@ -3841,20 +3850,20 @@ class TestSelection:
         assert moved and all("moe_gate" in k for k in moved)               # experts and attention LoRA frozen
         assert any("quality_gate" in k for k in warm) and not any("quality_gate" in k for k in base)
         scores, sub = str(tmp_path / "s.jsonl"), str(tmp_path / "sub.jsonl")
-        selection.main(["--model", ck, "--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
+        selection_cli.main(["--model", ck, "--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
                         "--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
         assert [json.loads(line)["quality_tokens"] for line in open(scores)] == ["answer"] * 16
         first = open(scores).read()
         os.remove(scores)                                                       # no --model: the default model
         monkeypatch.setattr(checkpoints, "resolve_model", lambda name=None: ck if name is None else name)
-        selection.main(["--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
+        selection_cli.main(["--data", d, "--max-len", "32", "--device", "cpu", "--dtype", "float32",
                         "--adapter-path", str(tmp_path / "warm" / "last"), "--score", scores, "--quality-tokens", "answer"])
         assert open(scores).read() == first
-        selection.main(["--data", d, "--score", scores, "--select", "0.25", "--subset", sub, "--num-clusters", "2"])
+        selection_cli.main(["--data", d, "--score", scores, "--select", "0.25", "--subset", sub, "--num-clusters", "2"])
         assert all(r in recs for _, r in data.read_records(sub)) and len(data.read_records(sub)) == 4
         assert json.load(open(sub + ".summary.json"))["quality_tokens"] == "answer"
         with pytest.raises(ValueError, match="--adapter-path"):                  # scoring a model without gates
-            selection.main(["--model", ck, "--data", d, "--score", scores])
+            selection_cli.main(["--model", ck, "--data", d, "--score", scores])
         with pytest.raises(SystemExit):                                         # the Select-MoE flags left train.py
             train.main(common + ["--score", scores])
 
