@@ -45,7 +45,7 @@ from progress import Progress
 HEAD_CHUNK = 512  # rows of the LM head at a time: 512 x 49152 fp32 logits = 100 MB for SmolLM2
 
 # ----------------------------------------------------------------------------------------------------
-# Task definitions: record -> [(context, choice) per option], in the option order of data.py's reference
+# Task definitions: record -> [(context, choice) per option], in the option order of tasks.py's reference
 # prompts (so one gold index serves both formats). The continuation scored is " " + choice (the
 # harness's default target_delimiter " ").
 

@@ -1,6 +1,7 @@
 """
-data.py: what train.py trains and evaluates on: data files, the eight commonsense tasks, sequence
-classification data, a built-in synthetic task, tokenisation with target masking, collation, metrics.
+data.py: what train.py trains and evaluates on, from records to batches: data files in every format,
+sequence classification data, tokenisation with target masking, collation, the order of the examples.
+The eight commonsense tasks and the built-in demo task are in tasks.py, the metrics in evaluation.py.
 
 Every source becomes a list of `Example`s of one of three kinds:
 
@@ -23,23 +24,21 @@ Data formats, detected from the keys of each record (a JSON list, or JSONL with 
      "answerKey"}
     {"question", "options": [...], "answer"}     multiple choice, plain: answer an index or a label (A, B..)
 
-Reference: MixLoRA / MoE-PEFT, ../shared/reference/mixlora.md section 7 (tasks, prompts, scoring,
-classification head) and section 9 (cutoff, shuffling). Prompts are the reference's, word for word.
-Checked in test_all.py (the data.py tests: each format, masking, scoring rule, truncation, errors naming file:line).
+Reference: MixLoRA / MoE-PEFT, ../shared/reference/mixlora.md section 7 (prompts, scoring, classification
+head) and section 9 (cutoff, shuffling). Prompts are the reference's, word for word.
+Checked in test_all.py (TestData: each format, masking, scoring rule, truncation, errors naming file:line).
 
 Shape legend: B batch, T time (longest sequence in the batch), C classes.
 """
 
 import json
-import math
 import os
-import random
 from dataclasses import dataclass
 
 import torch
 
 import cloze
-import task_data  # where the tasks and the named data files (alpaca-demo, sentiment-*) come from
+import task_data  # where the named data files (alpaca-demo, sentiment-*) come from
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100  # target value of a position with no loss (PyTorch's cross-entropy convention)
@@ -115,6 +114,13 @@ def alpaca_prompt(instruction, inp=""):
     return f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{inp}\n\n" if inp else "") + "### Output:\n"
 
 
+def choice_prompt(question, labels, texts):
+    """The reference's multiple-choice prompt (mixlora.md section 7): the question, then each option as
+    "(label) text"; also the prompt of the ARC and OpenBookQA tasks (tasks.py)."""
+    opts = " ".join(f"({l}) {t}" for l, t in zip(labels, texts))
+    return f"Please choose the correct answer to the question: {question} {opts}\nAnswer:"
+
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -146,7 +152,7 @@ def choice_record(r, where, task):
     if gold is None:
         raise ValueError(f"{where}: answer {answer!r} is not among the options (labels {', '.join(labels)}"
                          + (f", or an index 0-{len(labels) - 1})" if "options" in r else ")"))
-    return Example(_mc(question, labels, texts), " " + labels[gold], "choice", tuple(labels), gold, task=task,
+    return Example(choice_prompt(question, labels, texts), " " + labels[gold], "choice", tuple(labels), gold, task=task,
                    cloze=tuple(cloze.question_pairs(question, texts)), where=where)
 
 
@@ -218,120 +224,6 @@ def load_data(path, tokenizer):
             raise ValueError(f"{where}: a {s} record in a file of {first} records; use one schema per file")
         examples.append(ex)
     return examples
-
-
-# ----------------------------------------------------------------------------------------------------
-# The commonsense tasks: the reference's prompts (mixlora.md section 7), HF dataset schemas
-
-
-def _mc(question, labels, texts):
-    opts = " ".join(f"({l}) {t}" for l, t in zip(labels, texts))
-    return f"Please choose the correct answer to the question: {question} {opts}\nAnswer:"
-
-
-def arc(r):
-    # NOTE: the reference scores ARC over all nine labels 1-4 and A-E, so it can predict an option the
-    # question does not have; we restrict every task to the question's own options.
-    c = r["choices"]
-    return _mc(r["question"], c["label"], c["text"]), tuple(c["label"]), c["label"].index(r["answerKey"])
-
-
-def obqa(r):
-    c = r["choices"]
-    return _mc(r["question_stem"], c["label"], c["text"]), tuple(c["label"]), c["label"].index(r["answerKey"])
-
-
-def boolq(r):
-    # The reference's prompt has no passage.
-    p = f"Please answer the following question with true or false: {r['question']}?\nAnswer:"
-    return p, ("true", "false"), 0 if r["answer"] else 1
-
-
-def piqa(r):
-    p = ("Below is a common task along with two possible solutions labeled (A) and (B). Please select the "
-         f"appropriate solution to achieve the task:\n{r['goal']}\n\n(A) {r['sol1']}\n(B) {r['sol2']}\n\n"
-         "Correct solution:")
-    return p, ("A", "B"), int(r["label"])
-
-
-def siqa(r):
-    p = (f"Please choose the correct answer to the question.\nQuestion: {r['context']} {r['question']}\n"
-         f"(A) {r['answerA']}\n(B) {r['answerB']}\n(C) {r['answerC']}\nAnswer:")
-    return p, ("A", "B", "C"), int(r["label"]) - 1
-
-
-def hellaswag(r):
-    e = r["endings"]
-    p = (f"Please choose the correct ending to complete the given sentence.\nSentence: {r['activity_label']}. "
-         f"{r['ctx']}\n(A) {e[0]}\n(B) {e[1]}\n(C) {e[2]}\n(D) {e[3]}\nAnswer:")
-    return p, ("A", "B", "C", "D"), int(r["label"])
-
-
-def winogrande(r):
-    p = ("Please choose the correct answer to fill in the blank to complete the given sentence.\n"
-         f"Sentence: {r['sentence']}\n(A) {r['option1']}\n(B) {r['option2']}\nAnswer:")
-    return p, ("A", "B"), int(r["answer"]) - 1
-
-
-TASKS = {"arc-e": arc, "arc-c": arc, "boolq": boolq, "obqa": obqa, "piqa": piqa, "siqa": siqa,
-         "hellaswag": hellaswag, "winogrande": winogrande}
-
-
-def load_task(name, split, root=None):
-    """Examples of task `name` from <root>/<name>/<split>.jsonl (split "train" or "test"); without those
-    files, from the copy task_data.py fetches once into the cache."""
-    if name not in TASKS:
-        raise ValueError(f"--task: unknown task {name!r}, expected one of {', '.join(TASKS)} (or 'demo')")
-    path = task_data.task_file(name, split, root)
-    out = []
-    for i, (where, r) in enumerate(read_records(path)):
-        try:
-            prompt, options, gold = TASKS[name](r)
-            pairs = tuple(cloze.TASKS[name](r))
-        except (KeyError, ValueError, IndexError, TypeError) as e:
-            raise ValueError(f"{where}: not a {name} record ({type(e).__name__}: {e})") from None
-        out.append(Example(prompt, " " + options[gold], "choice", options, gold, task=name, cloze=pairs, index=i,
-                           where=where))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# The built-in demo task: pick the word of a category among three. Needs no files.
-
-CATEGORIES = {
-    "an animal": "dog cat horse cow pig sheep lion tiger bear wolf mouse rabbit duck goat fox deer".split(),
-    "a fruit": "apple banana orange grape lemon cherry peach pear mango plum lime berry".split(),
-    "a color": "red blue green yellow purple pink brown black white gray".split(),
-    "a tool": "hammer saw drill wrench knife shovel axe rake needle scissors".split(),
-    "a body part": "hand foot arm leg head nose ear eye knee finger neck mouth".split(),
-    "a country": "France Spain Italy China Japan India Brazil Canada Mexico Egypt Germany Kenya".split(),
-}
-
-
-def demo_task(n_train=256, n_test=128, seed=0):
-    """Questions "Which word is a fruit: chair, banana or river?" with one-word answers.
-
-    The answer is one of the words listed in the prompt, so a small model already knows the facts and
-    only has to learn the format in a few dozen optimiser steps (what SmolLM2-135M reaches: the README's
-    Quickstart). Train and test items are disjoint (word triple and category).
-    """
-    rng = random.Random(seed)
-    cats = list(CATEGORIES)
-    seen, items = set(), []
-    while len(items) < n_train + n_test:
-        cat = rng.choice(cats)
-        gold = rng.choice(CATEGORIES[cat])
-        others = [c for c in cats if c != cat]
-        dist = [rng.choice(CATEGORIES[c]) for c in rng.sample(others, 2)]
-        if gold in dist or dist[0] == dist[1] or (cat, gold, *sorted(dist)) in seen:
-            continue
-        seen.add((cat, gold, *sorted(dist)))
-        words = [gold] + dist
-        rng.shuffle(words)
-        prompt = f"Which word is {cat}: {words[0]}, {words[1]} or {words[2]}?\nAnswer:"
-        items.append(Example(prompt, " " + gold, "choice", tuple(words), words.index(gold), task="demo",
-                             cloze=tuple((prompt, w) for w in words)))
-    return items[:n_train], items[n_train:]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,49 +338,3 @@ def step_indices(n, step, batch_size, seed):
         pos += take
     return out
 
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def f1_score(pred, gold):
-    """Binary F1 of class 1 when there are two classes, else macro-F1 over the classes present."""
-    classes = sorted(set(gold) | set(pred))
-    pos = [1] if set(classes) <= {0, 1} else classes
-    f1s = []
-    for c in pos:
-        tp = sum(p == c and g == c for p, g in zip(pred, gold))
-        fp = sum(p == c and g != c for p, g in zip(pred, gold))
-        fn = sum(p != c and g == c for p, g in zip(pred, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(f1s) / len(f1s)
-
-
-def matthews(pred, gold):
-    """Matthews correlation coefficient, multi-class form (Gorodkin 2004); 0 when undefined."""
-    classes = sorted(set(gold) | set(pred))
-    n = len(gold)
-    c = sum(p == g for p, g in zip(pred, gold))
-    t = [sum(g == k for g in gold) for k in classes]      # true counts per class
-    p = [sum(q == k for q in pred) for k in classes]      # predicted counts per class
-    num = c * n - sum(a * b for a, b in zip(t, p))
-    den = math.sqrt(n * n - sum(b * b for b in p)) * math.sqrt(n * n - sum(a * a for a in t))
-    return num / den if den else 0.0
-
-
-def multilabel_metrics(pred, gold):
-    """pred, gold: lists of sets of class ids. Exact-match accuracy and micro-F1."""
-    tp = sum(len(p & g) for p, g in zip(pred, gold))
-    fp = sum(len(p - g) for p, g in zip(pred, gold))
-    fn = sum(len(g - p) for p, g in zip(pred, gold))
-    return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0}
-
-
-def baselines(golds, n_options):
-    """Chance (mean of 1/#options) and majority (always the most frequent gold answer) accuracy."""
-    chance = sum(1 / k for k in n_options) / len(n_options)
-    counts = {}
-    for g in golds:
-        counts[g] = counts.get(g, 0) + 1
-    return chance, max(counts.values()) / len(golds)

@@ -31,6 +31,53 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 # ----------------------------------------------------------------------------------------------------
+# Metrics: baselines, F1, MCC, multi-label
+
+
+def f1_score(pred, gold):
+    """Binary F1 of class 1 when there are two classes, else macro-F1 over the classes present."""
+    classes = sorted(set(gold) | set(pred))
+    pos = [1] if set(classes) <= {0, 1} else classes
+    f1s = []
+    for c in pos:
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(f1s) / len(f1s)
+
+
+def matthews(pred, gold):
+    """Matthews correlation coefficient, multi-class form (Gorodkin 2004); 0 when undefined."""
+    classes = sorted(set(gold) | set(pred))
+    n = len(gold)
+    c = sum(p == g for p, g in zip(pred, gold))
+    t = [sum(g == k for g in gold) for k in classes]      # true counts per class
+    p = [sum(q == k for q in pred) for k in classes]      # predicted counts per class
+    num = c * n - sum(a * b for a, b in zip(t, p))
+    den = math.sqrt(n * n - sum(b * b for b in p)) * math.sqrt(n * n - sum(a * a for a in t))
+    return num / den if den else 0.0
+
+
+def multilabel_metrics(pred, gold):
+    """pred, gold: lists of sets of class ids. Exact-match accuracy and micro-F1."""
+    tp = sum(len(p & g) for p, g in zip(pred, gold))
+    fp = sum(len(p - g) for p, g in zip(pred, gold))
+    fn = sum(len(g - p) for p, g in zip(pred, gold))
+    return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0}
+
+
+def baselines(golds, n_options):
+    """Chance (mean of 1/#options) and majority (always the most frequent gold answer) accuracy."""
+    chance = sum(1 / k for k in n_options) / len(n_options)
+    counts = {}
+    for g in golds:
+        counts[g] = counts.get(g, 0) + 1
+    return chance, max(counts.values()) / len(golds)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -83,7 +130,7 @@ def evaluate(model, tok, evals, args, device, ctx, predictions=None):
     for name, items in evals.items():
         if items[0].kind == "choice" and args.eval_format == "cloze":
             rows, r = evaluate_cloze(model, tok, items, args, ctx)
-            chance, majority = data.baselines([e.label for e in items], [len(e.options) for e in items])
+            chance, majority = baselines([e.label for e in items], [len(e.options) for e in items])
             results[name] = {**r, "chance": chance, "majority": majority, "n": len(items)}
         else:
             results[name], rows = evaluate_source(model, tok, name, items, args, device, ctx)
@@ -121,13 +168,13 @@ def evaluate_source(model, tok, name, items, args, device, ctx):
     if kind == "lm":
         return {"loss": loss_sum / max(n_tok, 1), "n": len(items)}, rows
     if kind == "cls" and isinstance(golds[0], set):
-        return {**data.multilabel_metrics(preds, golds), "n": len(items)}, rows
+        return {**multilabel_metrics(preds, golds), "n": len(items)}, rows
     n_opt = [len(e.options) if kind == "choice" else (args.num_labels or 2) for e in items]
-    chance, majority = data.baselines(golds, n_opt)
+    chance, majority = baselines(golds, n_opt)
     r = {"accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "chance": chance,
          "majority": majority, "n": len(items)}
     if kind == "cls":
-        r.update(f1=data.f1_score(preds, golds), mcc=data.matthews(preds, golds))
+        r.update(f1=f1_score(preds, golds), mcc=matthews(preds, golds))
     return r, rows
 
 

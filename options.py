@@ -24,6 +24,7 @@ import data
 import guards
 import losses
 import selection
+import tasks
 from lora import LoraConfig
 from moe_linear import LoRAMoEConfig, MoLAConfig
 from moe_lora import MixLoRAConfig
@@ -300,12 +301,12 @@ def subsample(items, n, seed):
 def load_sources(args, tok):
     """(train examples, {name: eval examples}) from --task / --data, or the built-in demo task."""
     train, evals = [], {}
-    tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else ([] if args.data else ["demo"])
-    for t in tasks:
+    names = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else ([] if args.data else ["demo"])
+    for t in names:
         if t == "demo":
-            tr, te = data.demo_task()
+            tr, te = tasks.demo_task()
         else:
-            tr, te = data.load_task(t, "train", args.task_root), data.load_task(t, "test", args.task_root)
+            tr, te = tasks.load_task(t, "train", args.task_root), tasks.load_task(t, "test", args.task_root)
         train += subsample(tr, args.max_train, args.seed)
         evals[t] = subsample(te, args.max_eval, 0)  # seed 0: every run is scored on the same items
     for path in (args.data.split(",") if args.data else []):

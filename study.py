@@ -38,7 +38,7 @@ import time
 
 import torch
 
-import data
+import evaluation
 import guards
 import llama
 import options
@@ -172,7 +172,7 @@ def metrics(folder):
     for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
         rows = [json.loads(line) for line in open(path)]
         golds = [r["gold"] for r in rows]
-        chance, majority = data.baselines(golds, [len(r["scores"]) for r in rows])
+        chance, majority = evaluation.baselines(golds, [len(r["scores"]) for r in rows])
         m = {"acc": sum(r["pred"] == r["gold"] for r in rows) / len(rows), "chance": chance, "majority": majority,
              "n": len(rows)}
         if "pred_norm" in rows[0]:

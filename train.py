@@ -9,8 +9,8 @@ and device, 2. model, tokenizer and data, 3. the adapter (adapters.py; then --ev
 (resume.py), 7. the loop (train_step: micro-batches, gradient sync, AdamW; log_step: one line), 8. final
 evaluation and saving. Beside it: the flags, their defaults and the adapter and data they name in
 options.py, evaluation and the printed summaries in evaluation.py, the micro-batch from a memory budget
-in memory.py, several adapters on one base in multi.py; the data side (formats, tasks, prompts, scoring,
-collation, metrics) in data.py, the losses in losses.py.
+in memory.py, several adapters on one base in multi.py; the data side (formats, scoring, collation) in
+data.py, the tasks and their prompts in tasks.py, the losses in losses.py.
 
     python train.py                                      # MixLoRA on a built-in task, accuracy before/after
     python train.py --model PATH --task arc-e,boolq --max-train 400 --max-eval 300 --out runs/mt
