@@ -1,7 +1,7 @@
 """evaluation.py: what a run measures and prints: evaluation of every source, the per-question
 prediction files, the one-line and table summaries, and the expert-load reports.
 
-    results = evaluation.evaluate(model, tok, {"arc-e": items}, args, device, ctx, predictions="out/predictions")
+    results = evaluation.evaluate(model, tok, {"arc-e": items}, args, device=device, ctx=ctx, predictions="out/predictions")
     print(evaluation.format_results(results))       # arc-e: accuracy 41.2% (n=250; chance 25.0%, majority 27.6%)
 
 Multiple choice is scored as the reference does (labels: the best of the question's own option tokens
@@ -120,7 +120,7 @@ def write_predictions(folder, name, rows):
 
 
 @torch.no_grad()
-def evaluate(model, tok, evals, args, device, ctx, predictions=None):
+def evaluate(model, tok, evals, args, *, device, ctx, predictions=None):
     """{source: metrics}. choice: accuracy of the best own-option token at the last prompt token (labels)
     or acc / acc_norm of the option log-likelihoods (cloze); cls: accuracy/F1/MCC of the head; lm: mean
     loss per target token. Baselines beside them. With `predictions` (a folder), every question's option
@@ -133,14 +133,14 @@ def evaluate(model, tok, evals, args, device, ctx, predictions=None):
             chance, majority = baselines([e.label for e in items], [len(e.options) for e in items])
             results[name] = {**r, "chance": chance, "majority": majority, "n": len(items)}
         else:
-            results[name], rows = evaluate_source(model, tok, name, items, args, device, ctx)
+            results[name], rows = evaluate_source(model, tok, name, items, args, device=device, ctx=ctx)
         if predictions and rows:
             write_predictions(predictions, name, rows)
     model.train()
     return results
 
 
-def evaluate_source(model, tok, name, items, args, device, ctx):
+def evaluate_source(model, tok, name, items, args, *, device, ctx):
     """(metrics, per-question records) of one source of lm, choice (labels format) or cls examples, batch by
     batch, with a progress line on stderr once it takes more than 2 s."""
     kind, enc = items[0].kind, [data.encode(tok, e, args.max_len, with_answer=items[0].kind == "lm")

@@ -3017,7 +3017,7 @@ class TestTrain:
         q = [data.Example("which is x ?\nAnswer:", " B", "choice", ("A", "B"), 1, task="t"),
              data.Example("which is y ?\nAnswer:", " C", "choice", ("A", "B", "C", "D"), 2, task="t")]
         args = options.parser.parse_args(["--max-len", "64"])
-        r = evaluation.evaluate(LastTokenStub(scores), tok, {"t": q}, args, "cpu", train.nullcontext())["t"]
+        r = evaluation.evaluate(LastTokenStub(scores), tok, {"t": q}, args, device="cpu", ctx=train.nullcontext())["t"]
         assert r["accuracy"] == 1.0 and r["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
 
     def test_metrics(self):

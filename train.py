@@ -159,12 +159,13 @@ def evaluate_only(run):
     args = run.args
     if len(adapters.adapter_paths(args)) < 2:
         folder = os.path.join(args.out, "predictions")
-        results = evaluate(run.model, run.tok, run.evals, args, run.device, run.ctx, folder) if run.rank == 0 else {}
+        results = (evaluate(run.model, run.tok, run.evals, args, device=run.device, ctx=run.ctx, predictions=folder)
+                   if run.rank == 0 else {})
         run.log(format_results(results))
         return {"eval": results}
     out = {}
     for t in run.adapters if run.rank == 0 else ():
-        out[t.name] = evaluate(t.model, run.tok, run.evals, args, run.device, run.ctx, t.out)
+        out[t.name] = evaluate(t.model, run.tok, run.evals, args, device=run.device, ctx=run.ctx, predictions=t.out)
         run.log(f"{t.name}: {format_results(out[t.name])}")
         t.history["eval"].append(out[t.name])
     if out:
@@ -234,13 +235,13 @@ def run_eval(run, step):
     resume.check_adapters(run, step)
     if run.rank == 0 and step == 0 and run.base is not None:
         folder = os.path.join(run.args.out, "predictions", "step0")
-        results = evaluate(run.base, run.tok, run.evals, run.args, run.device, run.ctx, folder)
+        results = evaluate(run.base, run.tok, run.evals, run.args, device=run.device, ctx=run.ctx, predictions=folder)
         run.log(f"eval step 0, base model: {format_results(results)}")
         run.history["eval"].append(results)
     elif run.rank == 0:
         for t in run.adapters:
             folder = os.path.join(t.out, "predictions", f"step{step}")  # one folder per evaluation
-            results = evaluate(t.model, run.tok, run.evals, run.args, run.device, run.ctx, folder)
+            results = evaluate(t.model, run.tok, run.evals, run.args, device=run.device, ctx=run.ctx, predictions=folder)
             run.log(f"eval step {step}{'' if len(run.adapters) == 1 else ' ' + t.name}: {format_results(results)}")
             t.log_file.write(json.dumps({"step": step, "eval": results}) + "\n")
             t.log_file.flush()
