@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from routers import STRATEGIES
+
 BUDGET_FRACTION = 0.8      # of the memory free after loading; the rest for the allocator and the OS
 
 
@@ -27,16 +29,17 @@ def bytes_per_token(model_cfg, adapter_cfg, bf16=False, checkpointing=False):
 
         floats per token = L * (10 D + 5 I (1 + a) + [DoRA] 3 (D + I))
 
-    a = experts a token passes through: top_k (mixlora, mola), E (mixlora-dynamic: near-uniform routers
-    keep most of them early on; loramoe: dense), 1 (mixlora-switch), 0 (LoRA, DoRA). LoRAMoE and MoLA put
-    their experts in every targeted projection, not only the FFN: the rule is a rough upper bound there. bf16 autocast: x 0.6. With activation
-    checkpointing each layer keeps only its input (D floats per token) and one layer at a time the rest.
+    a = experts a token passes through at most, the routing strategy's experts_per_token (routers.STRATEGIES:
+    k for top-k, 1 for Switch, E for dense and top-p routing, whose near-uniform routers keep most experts
+    early on), 0 without experts (LoRA, DoRA). The strategies that route per projection (moe_linear.py) put
+    their experts in every targeted projection, not only the FFN: the rule is a rough upper bound there.
+    bf16 autocast: x 0.6. With activation checkpointing each layer keeps only its input (D floats per token)
+    and one layer at a time the rest.
     L, D, I: layers, hidden size, FFN width of the model's config."""
     L, D, I = model_cfg.num_hidden_layers, model_cfg.hidden_size, model_cfg.intermediate_size
     strategy, E = getattr(adapter_cfg, "routing_strategy", None), getattr(adapter_cfg, "num_experts", 0)
     E = max(E) if isinstance(E, (list, tuple)) else E                    # MoLA: experts per layer
-    a = {"mixlora-dynamic": E, "loramoe": E, "mixlora-switch": 1}.get(
-        strategy, getattr(adapter_cfg, "top_k", 0) if strategy else 0)
+    a = STRATEGIES[strategy].experts_per_token(adapter_cfg, E) if strategy else 0
     layer = 10 * D + 5 * I * (1 + a) + (3 * (D + I) if getattr(adapter_cfg, "use_dora", False) else 0)
     floats = L * D + layer if checkpointing else L * layer
     return 1.25 * 4 * floats * (0.6 if bf16 else 1.0)

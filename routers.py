@@ -19,11 +19,11 @@ and skips the experts whose weight is 0. One module, `Router`, serves every stra
 
 The last two route inside each adapted projection (moe_linear.py), the others once per FFN (moe_lora.py).
 A row of the table holds a strategy's rule (router logits -> weights, and the experts each token
-selected), its router init, and its defaults: router init range, jitter, and which router losses
-apply with what coefficient (a coefficient 0 switches a loss off). `RouterConfig` fills the settings
-left at None from the row, so the command line, bench.py and the Python API train the same thing.
-Adding a router = a rule and a row here, and its tests; a loss of its own, if it needs one, in
-losses.py.
+selected), its router init, the most experts a token passes through (memory.py's estimate), and its
+defaults: router init range, jitter, and which router losses apply with what coefficient (a coefficient
+0 switches a loss off). `RouterConfig` fills the settings left at None from the row, so the command line,
+bench.py and the Python API train the same thing. Adding a router = a rule and a row here, and its
+tests; a loss of its own, if it needs one, in losses.py.
 
 How a strategy names its balance loss: it does not need to. losses.py is a leaf (no project imports)
 and every strategy here balances with the same formula, E * sum_e f_e P_e (Switch eq. 4), whose f_e
@@ -262,6 +262,21 @@ def route_dense(logits, token_mask, group, cfg):
     return w, torch.ones_like(w, dtype=torch.bool)
 
 
+def top_k_experts(cfg, num_experts):
+    """The most experts a token passes through (memory.py's activation estimate): top-k's k."""
+    return cfg.top_k
+
+
+def every_expert(cfg, num_experts):
+    """All E: dense routing; and top-p, whose near-uniform routers keep most experts early in training."""
+    return num_experts
+
+
+def one_expert(cfg, num_experts):
+    """Switch: one expert a token (none for a token past capacity)."""
+    return 1
+
+
 def init_normal(weight, init_range):
     """The reference's MixLoRA router init: N(0, init_range^2)."""
     nn.init.normal_(weight, mean=0.0, std=init_range)
@@ -276,11 +291,13 @@ def init_kaiming_uniform(weight, init_range):
 @dataclass(frozen=True)
 class Strategy:
     """One routing strategy: its rule, the settings the rule reads (shown by Router's repr, range-
-    checked by RouterConfig), its router init, and its defaults for the STRATEGY_DEFAULTS keys."""
+    checked by RouterConfig), its router init, how many experts a token passes through at most, and its
+    defaults for the STRATEGY_DEFAULTS keys."""
 
     rule: Callable               # (logits, token_mask, group, cfg) -> (weights, selected)
     settings: tuple              # RouterConfig fields the rule reads
     init: Callable               # (weight (E, D), router_init_range) -> None, in place
+    experts_per_token: Callable  # (cfg, E) -> the most experts a token passes through (memory.py)
     router_init_range: float
     jitter_noise: float
     router_aux_loss_coef: float  # 0 = no load-balancing loss
@@ -290,18 +307,18 @@ class Strategy:
 # Defaults are the reference code's (mixlora.md sec. 3-5): the MixLoRA paper text says 1e-2 for the
 # balance coefficient, the code and the paper's ablation (Table 9) 1e-3; only Switch adds a z-loss.
 STRATEGIES = {
-    "mixlora": Strategy(route_top_k, ("top_k",), init_normal, router_init_range=0.02, jitter_noise=0.0,
+    "mixlora": Strategy(route_top_k, ("top_k",), init_normal, top_k_experts, router_init_range=0.02, jitter_noise=0.0,
                         router_aux_loss_coef=0.001, router_z_loss_coef=0.0),
-    "mixlora-dynamic": Strategy(route_top_p, ("top_p", "temperature"), init_normal, router_init_range=0.02,
+    "mixlora-dynamic": Strategy(route_top_p, ("top_p", "temperature"), init_normal, every_expert, router_init_range=0.02,
                                 jitter_noise=0.0, router_aux_loss_coef=0.001, router_z_loss_coef=0.0),
-    "mixlora-switch": Strategy(route_switch, ("capacity_factor", "expert_capacity"), init_normal,
+    "mixlora-switch": Strategy(route_switch, ("capacity_factor", "expert_capacity"), init_normal, one_expert,
                                router_init_range=1.0, jitter_noise=0.01, router_aux_loss_coef=0.001,
                                router_z_loss_coef=0.001),
     # a router in every adapted projection (moe_linear.py); the reference has no LoRAMoE router loss and
     # MoLA's is off unless asked for (`router_loss`, then 0.001)
-    "loramoe": Strategy(route_dense, (), init_kaiming_uniform, router_init_range=5.0, jitter_noise=0.0,
+    "loramoe": Strategy(route_dense, (), init_kaiming_uniform, every_expert, router_init_range=5.0, jitter_noise=0.0,
                         router_aux_loss_coef=0.0, router_z_loss_coef=0.0),
-    "mola": Strategy(route_top_k, ("top_k",), init_kaiming_uniform, router_init_range=5.0, jitter_noise=0.0,
+    "mola": Strategy(route_top_k, ("top_k",), init_kaiming_uniform, top_k_experts, router_init_range=5.0, jitter_noise=0.0,
                      router_aux_loss_coef=0.0, router_z_loss_coef=0.0),
 }
 

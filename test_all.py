@@ -1593,6 +1593,18 @@ class TestRouters:
             assert w.dtype == torch.float32 and sel.dtype == torch.bool and (w >= 0).all(), strategy
             assert not (w[~sel] > 0).any() and sel.any(-1).all(), strategy
 
+    def test_experts_per_token_bounds_what_the_rule_selects(self):
+        """Every strategy's experts_per_token (memory.py's rule) is at least the experts its rule selects for any
+        token, and exactly that many for the fixed-size rules (top-k, Switch, dense)."""
+        torch.manual_seed(0)
+        x, mask = torch.randn(4, 9, 16), torch.ones(4, 9, dtype=torch.bool)
+        for strategy, row in routers.STRATEGIES.items():
+            cfg = RouterConfig(num_experts=6, routing_strategy=strategy, top_k=3, capacity_factor=6.0)
+            a = row.experts_per_token(cfg, 6)
+            n = Router(16, cfg)(x, mask)[2].sum(-1)                        # (N,) experts selected per token
+            assert 1 <= int(n.max()) <= a <= 6, strategy
+            assert row.rule is routers.route_top_p or (n == a).all(), strategy     # top-p: 1 to E
+
     @pytest.mark.parametrize("kwargs,match", [
         (dict(num_experts=4, routing_strategy="mixlora", top_k=5), "top_k"),
         (dict(num_experts=4, routing_strategy="mixlora", top_k=0), "top_k"),
