@@ -38,23 +38,19 @@ GFLOP/s = 2 n^3 / time); every GFLOP/s figure below is printed beside its fracti
                           products: AVX-512-BF16 / AMX on CPUs that have them).
     eval-<method>         the adapted model's no-grad forward at 4 x 256 (dropout off), vs the base forward.
     multi-together/-sequential/-parallel  (with --multi or --only multi) K = 3 adapters (LoRA, DoRA, MixLoRA) trained by
-                          train.py on 64 short sentences (--multi-steps steps of 8, fresh processes, model
-                          loading and a final evaluation of 8 included): in one process
-                          (`--adapter lora,dora,mixlora`, multi.py), three processes one after another, and
-                          three processes at once (the cores shared among them). ms = wall time; tok/s =
-                          the three adapters' training tokens (padding excluded) / wall time; peak MB = the
-                          processes' peak resident memory (ru_maxrss): the largest one after another, the
-                          sum of the three at once. Not interleaved: these rows run after the others.
+                          train.py in one process, three processes one after another, three at once: the
+                          rows, their columns and their data are described in bench_multi.py. Not
+                          interleaved: these rows run after the others.
 Columns: the median ms of each variant, "x" = first variant's time / last one's, then tok/s, GFLOP/s,
-%peak, peak MB and the notes of the last variant. The peak-memory column is the resident (CPU) or allocated (CUDA) high-water mark during the row's warm-up
-call, above what was in use when it started (model weights excluded; on the CPU freed memory is handed
-back to the OS first, so a row is not credited with memory that earlier rows freed).
+%peak, peak MB and the notes of the last variant. The peak-memory column is the resident (CPU) or allocated
+(CUDA) high-water mark during the row's warm-up call (memory.PeakMemory), above what was in use when it
+started (model weights excluded; on the CPU freed memory is handed back to the OS first, so a row is not
+credited with memory that earlier rows freed).
 
 Results and the machine they were measured on are in the README; the transformers comparison of issue 2
 was measured outside the project (the project never imports transformers).
 """
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -67,23 +63,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bench_multi
 import checkpoints
 import generate
 import guards
 import kernels
 import llama
 import losses
-import tokenizer
+import memory
+import routers
 
 B, T = 4, 256                 # training / forward batch
 PROMPT, NEW = 64, 64          # generation: prompt length, new tokens
 ANSWER = 16                   # answer-only targets: the last 16 tokens of each row
-ADAPTERS = ("lora", "dora", "mixlora", "mixlora-dynamic", "mixlora-switch", "loramoe", "mola")
-MULTI, MULTI_STEPS, MULTI_BATCH = ("lora", "dora", "mixlora"), 8, 8   # the multi-* rows (train.py processes)
+ADAPTERS = ("lora", "dora", *routers.STRATEGIES)  # a train-<method> row each: every adapter train.py builds
 
 
 # ----------------------------------------------------------------------------------------------------
-# Small helpers: timing, memory, FLOPs
+# Small helpers: timing, FLOPs (the peak memory: memory.PeakMemory)
 
 def sync(device):
     if device.type == "cuda":
@@ -101,52 +98,6 @@ def timed(fn, repeats, device):
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def proc_status_kb(key):
-    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory():
-    """glibc malloc_trim: return freed heap memory to the OS, so that the next PeakMemory on the CPU
-    counts what a row itself allocates, not memory that earlier rows freed (kept by keep_freed_memory)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """High-water mark of memory in use during a `with` block, in MB above the level at its start.
-    CUDA: the allocator's max_memory_allocated. CPU: VmHWM, reset at entry by writing 5 to
-    /proc/self/clear_refs (Linux >= 4.0); None where that is not possible."""
-
-    def __init__(self, device):
-        self.device, self.mb = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.start = proc_status_kb("VmRSS")
-            except OSError:
-                self.start = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
-        elif self.start is not None:
-            self.mb = (proc_status_kb("VmHWM") - self.start) / 1024
 
 
 def matmul_peak(device, dtype, repeats, n=2048):
@@ -168,17 +119,13 @@ def forward_flops(model, batch, seq):
 # Adapters and one training step (imports of lora.py / moe_lora.py are deferred: rows skip without them)
 
 def adapter_config(method, dropout):
+    """The adapter of a train-<method> row: what `train.py --adapter METHOD` builds (options.adapter_config)
+    with r=16, alpha 32, 8 experts, top-2, on all 7 projections; every other setting the strategy's default."""
     import lora
-    import moe_linear
-    import moe_lora
-    all7 = list(lora.PROJECTIONS)
-    if method in ("lora", "dora"):
-        return lora.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, use_dora=method == "dora")
-    if method in ("loramoe", "mola"):  # 8 experts in each FFN projection (LoRAMoE, dense) or every projection (MoLA, top-2)
-        cls = moe_linear.LoRAMoEConfig if method == "loramoe" else moe_linear.MoLAConfig
-        return cls(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, num_experts=8)
-    return moe_lora.MixLoRAConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=all7, num_experts=8,
-                                  top_k=2, routing_strategy=method)
+    import options
+    args = options.parser.parse_args(["--adapter", method, "--r", "16", "--lora-alpha", "32", "--lora-dropout", str(dropout),
+                                      "--num-experts", "8", "--top-k", "2", "--target-modules", ",".join(lora.PROJECTIONS)])
+    return options.adapter_config(args)
 
 
 def train_step_fn(model, ids, answer_only, autocast=False):
@@ -275,23 +222,6 @@ class Bench:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    def multi(self):
-        """The multi-* rows: three adapters trained together, one after another, and three processes at once."""
-        import tempfile
-        cores, steps = torch.get_num_threads(), self.args.multi_steps
-        runs = {}
-        with tempfile.TemporaryDirectory() as out:
-            tokens = len(MULTI) * multi_tokens(self.args.model, multi_data(os.path.join(out, "data.jsonl")), steps)
-            runs["multi-together"] = train_processes(self.args.model, [",".join(MULTI)], cores, self.args.device,
-                                                     os.path.join(out, "together"), steps)
-            walls, peaks = zip(*(train_processes(self.args.model, [a], cores, self.args.device, os.path.join(out, a), steps)
-                                 for a in MULTI))
-            runs["multi-sequential"] = (sum(walls), [max(p[0] for p in peaks)])
-            runs["multi-parallel"] = train_processes(self.args.model, list(MULTI), max(1, cores // len(MULTI)),
-                                                     self.args.device, os.path.join(out, "parallel"), steps)
-        return {name: {"tok_s": tokens / wall, "ms": 1e3 * wall, "peak_mb": sum(peaks)}
-                for name, (wall, peaks) in runs.items()}
-
     def rows(self):
         """(name, prepare) for the interleaved rows, in table order."""
         rows = [("forward", self.prepare_forward), ("generate-cached", lambda: self.prepare_generate(True)),
@@ -326,8 +256,8 @@ class Bench:
                     if rnd == 0 and summary and v == variants[-1]:
                         self.summaries[name] = summary
                     if rnd == 0:
-                        release_freed_memory()  # peak memory is read in round 0, from the live tensors up
-                    with PeakMemory(self.device) as mem:
+                        memory.release_freed_memory()  # peak memory is read in round 0, from the live tensors up
+                    with memory.PeakMemory(self.device) as mem:
                         sync(self.device)
                         t0 = time.perf_counter()
                         fn()
@@ -357,51 +287,10 @@ class Bench:
                 except subprocess.CalledProcessError as e:
                     res[f"load-{d}"] = {"skipped": f"load subprocess failed: {e.stderr.strip().splitlines()[-1:]}"}
         if self.args.multi or any(p.startswith("multi") for p in only):
-            res.update(self.multi())
+            res.update(bench_multi.multi_rows(self.args.model, self.args.device, self.args.multi_steps))
         order = [n for n, _ in self.rows()] + ["multi-together", "multi-sequential", "multi-parallel"]
         order[3:3] = ["load-float32", "load-bfloat16"]                    # after generation, as before
         return {n: res[n] for n in order if n in res}
-
-
-def multi_data(path):
-    """The multi-* rows' training file: 64 short sentences (the text format: every token is a target)."""
-    words = "cat dog bird fish red blue green big small old new sat ran saw ate".split()
-    with open(path, "w") as f:
-        for i in range(64):
-            f.write(json.dumps({"text": " ".join(words[(i * k + k) % len(words)] for k in range(1, 9 + i % 8))}) + "\n")
-    return path
-
-
-def train_processes(model, adapters, threads, device, out, steps):
-    """Start one train.py process per entry of `adapters` (all at once, writing to out/p0, out/p1, ...; the
-    data file beside `out`), each training `steps` steps; wait for them; returns
-    (wall seconds, [peak resident MB of each])."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    procs, peaks = [], []
-    t0 = time.perf_counter()
-    d = os.path.join(os.path.dirname(out), "data.jsonl")
-    for i, a in enumerate(adapters):
-        cmd = [sys.executable, os.path.join(here, "train.py"), "--model", model, "--data", d, "--eval-data", d,
-               "--adapter", a, "--steps", str(steps), "--batch-size", str(MULTI_BATCH), "--max-eval", "8",
-               "--no-eval-before", "--log-every", str(steps), "--threads", str(threads), "--device", device,
-               "--dtype", "float32", "--out", os.path.join(out, f"p{i}")]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, status, usage = os.wait4(p.pid, 0)                             # ru_maxrss: KB on Linux
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise ValueError(f"train.py --adapter failed: {p.stderr.read().strip().splitlines()[-1:]}")
-        p.returncode = 0
-        peaks.append(usage.ru_maxrss / 1024)
-    return time.perf_counter() - t0, peaks
-
-
-def multi_tokens(model, path, steps):
-    """Training tokens (padding excluded) of one adapter in the multi-* rows: the examples of each step as
-    data.step_indices draws them (seed 42, train.py's default) from the file in order (--eval-data given)."""
-    import data
-    tok = tokenizer.load_tokenizer(model)
-    enc = [data.encode(tok, e, 512) for e in data.load_data(path, tok)]
-    return sum(len(enc[j]["ids"]) for s in range(steps) for j in data.step_indices(len(enc), s, MULTI_BATCH, 42))
 
 
 VARIANTS = {"plain": None, "accelerated": {}, "accelerated-lora": dict(lora_product=False),
@@ -419,14 +308,14 @@ def switch(model, variant):
 
 def load_child(path, dtype):
     """Run in the subprocess: print {peak_mb, weights_mb, ratio, ms} of from_pretrained as JSON."""
-    base = proc_status_kb("VmRSS")
+    base = memory.proc_status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:                           # VmHWM := current RSS
         f.write("5")
     t0 = time.perf_counter()
     model = llama.from_pretrained(path, dtype=generate.DTYPES[dtype])
     ms = 1e3 * (time.perf_counter() - t0)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # tied counted once
-    peak = (proc_status_kb("VmHWM") - base) / 1024
+    peak = (memory.proc_status_kb("VmHWM") - base) / 1024
     print(json.dumps({"ms": ms, "peak_mb": peak, "weights_mb": weights, "ratio": peak / weights}))
 
 
@@ -501,7 +390,7 @@ def main(argv=None):
                     help="leave glibc's malloc as it is for the whole run (kernels.accelerate sets keep_freed_memory)")
     ap.add_argument("--multi", action="store_true",
                     help="also run the multi-* rows: 3 adapters trained together vs in turn vs at once (7 train.py runs)")
-    ap.add_argument("--multi-steps", type=int, default=MULTI_STEPS,
+    ap.add_argument("--multi-steps", type=int, default=bench_multi.MULTI_STEPS,
                     help="training steps of each train.py run in the multi-* rows")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load measurement

@@ -11,9 +11,14 @@ per-token figure is a rule, not a measurement of the run: fitted to bench.py's p
 SmolLM2-135M (fp32, dropout 0.05), it over-estimates rather than under-estimates (see bytes_per_token).
 Checked by test_micro_batch_from_budget: a budget under one example is refused, a larger one gives the
 largest divisor that fits, and the run equals one with that --micro-batch-size.
+
+Below the rule, how bench.py measures peak memory: `with PeakMemory(device) as m: ...` gives m.mb, the
+high-water mark during the block above the level at its start (VmHWM on Linux CPUs, the allocator's on CUDA).
 """
+import ctypes
 import math
 import os
+import re
 
 import torch
 
@@ -104,3 +109,53 @@ def plan_micro_batch(run, tokens):
     run.log(f"micro-batch {m} of {per_process} examples per step: up to {tokens} tokens x {per_token / 1e6:.2f} MB "
             f"+ {fixed / 1e9:.2f} GB = {need(m):.1f} GB estimated, within {budget / 1e9:.1f} GB ({source}); "
             "--micro-batch-size to choose")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring: the peak memory of a block of code (bench.py's peak MB column, what the rule above is fitted to)
+
+
+def proc_status_kb(key):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory():
+    """glibc malloc_trim: return freed heap memory to the OS, so that the next PeakMemory on the CPU
+    counts what a row itself allocates, not memory that earlier rows freed (kept by kernels.keep_freed_memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """High-water mark of memory in use during a `with` block, in MB above the level at its start.
+    CUDA: the allocator's max_memory_allocated. CPU: VmHWM, reset at entry by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0); None where that is not possible."""
+
+    def __init__(self, device):
+        self.device, self.mb = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.start = proc_status_kb("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        elif self.start is not None:
+            self.mb = (proc_status_kb("VmHWM") - self.start) / 1024

@@ -32,6 +32,7 @@ from torch.testing import assert_close
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import bench_multi
 import checkpoints
 import cloze
 import data
@@ -3925,6 +3926,26 @@ class TestBench:
         bad = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "nope")],
                              capture_output=True, text=True, cwd=HERE)
         assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench_multi.py
+
+
+class TestBenchMulti:
+    """bench_multi.py: the multi-* rows' token count and train.py processes on a tiny checkpoint."""
+
+    def test_one_epoch_of_tokens_and_a_train_process(self, tmp_path):
+        """8 steps of 8 over the 64 sentences are one epoch, so every sentence's tokens count once; a train.py
+        process per adapter trains, saves its adapter and reports its peak memory."""
+        ck = str(tmp_path / "ck")
+        write_tiny_checkpoint(ck)
+        path = bench_multi.multi_data(str(tmp_path / "data.jsonl"))
+        tok = tokenizer.load_tokenizer(ck)
+        assert bench_multi.multi_tokens(ck, path, 8) == sum(len(tok.encode(r["text"])) for _, r in data.read_records(path))
+        wall, peaks = bench_multi.train_processes(ck, ["lora"], 1, "cpu", str(tmp_path / "run"), 1)
+        assert wall > 0 and len(peaks) == 1 and peaks[0] > 0
+        assert os.path.isdir(tmp_path / "run" / "p0" / "last")
 
 
 # ----------------------------------------------------------------------------------------------------
