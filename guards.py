@@ -48,8 +48,10 @@ from contextlib import contextmanager
 
 import torch
 
-# What train.py writes into --out (the .old/.prev/.tmp names are left by interrupted atomic saves).
-RUN_FILES = ("log.jsonl",) + tuple(f"{d}{s}" for d in ("checkpoint", "best", "last") for s in ("", ".old", ".prev", ".tmp"))
+# What train.py writes into --out: its log and three folders, each saved by atomic_folder, which leaves
+# NAME.prev when a save is interrupted between its two renames (recover_folder moves it back). A process
+# killed while writing also leaves its hidden .NAME.tmp-* folder: no complete version, nothing reads it.
+RUN_FILES = ("log.jsonl",) + tuple(f"{d}{s}" for d in ("checkpoint", "best", "last") for s in ("", ".prev"))
 STATE_KEYS = ("trainable", "optimizer", "step", "best", "rng", "args")
 # Flags a resumed run may change: they decide when to evaluate, log and save and where the run executes,
 # not what it computes. A different --micro-batch-size, --gradient-checkpointing or --device gives the same
