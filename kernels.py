@@ -292,17 +292,24 @@ class _LoRALinear(torch.autograd.Function):
     Plain autograd gives the same numbers with five graph nodes, a saved dropout output, and fresh
     temporaries for the LoRA terms; here they go into y and dx in place, and the dropped entries of dx
     are restored from a copy of k values rather than masking an (N, d_in) tensor. `mm` is the product
-    of the base weight (F.linear or onednn_linear, from the plan)."""
+    of the base weight (F.linear or onednn_linear, from the plan).
+
+    wx given (multi.py: W0 x computed once for several adapters' rows): y = wx + b + s (xd A^T) B^T, and
+    the gradient splits into d wx = dy (the caller's product takes it back through W0) and
+    dx = keep dh A (0 at idx). W0 is then not used here."""
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s, idx, keep, mm):  # x (N, d_in), W (d_out, d_in), idx (k,) or None
+    def forward(ctx, x, W, b, A, B, s, idx, keep, mm, wx):  # x (N, d_in), W (d_out, d_in), idx (k,) or None
         keep = keep if idx is not None else 1.0
         h = F.linear(x if idx is None else _zeroed_at(x, idx), A)         # (N, r) x0 A^T
         h.mul_(keep)
-        y = mm(x, W, b)                                                   # (N, d_out)
+        if wx is None:
+            y = mm(x, W, b)                                               # (N, d_out)
+        else:
+            y = wx.clone() if b is None else wx + b                       # (N, d_out) a new tensor: wx stays
         y.addmm_(h, B.t(), alpha=s)                                       # y += s h B^T, in place
-        ctx.s, ctx.keep, ctx.mm = s, keep, mm
-        ctx.save_for_backward(x, h, W, A, B, idx)
+        ctx.s, ctx.keep, ctx.mm, ctx.shared = s, keep, mm, wx is not None
+        ctx.save_for_backward(x, h, None if ctx.shared else W, A, B, idx)
         return y
 
     @staticmethod
@@ -313,19 +320,24 @@ class _LoRALinear(torch.autograd.Function):
         dA = (dh.t() @ x0).mul_(ctx.keep)                                 # (r, d_in)
         dB = (dy.t() @ h).mul_(ctx.s)                                     # (d_out, r)
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.shared:
+            dx = F.linear(dh, A.t()).mul_(ctx.keep)                       # (N, d_in) keep dh A
+            if idx is not None:
+                dx.view(-1).index_fill_(0, idx, 0.0)                      # the dropped entries never reached A
+        elif ctx.needs_input_grad[0]:
             dx = ctx.mm(dy, W.t())                                        # (N, d_in) dy W0
             kept = dx.view(-1).index_select(0, idx) if idx is not None else None  # (k,) dy W0 there
             dx.addmm_(dh, A, alpha=ctx.keep)                              # dx += keep dh A, in place
             if idx is not None:
                 dx.view(-1).index_copy_(0, idx, kept)                     # the dropped entries: dy W0 only
-        return dx, None, None, dA, dB, None, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None, dy if ctx.shared else None
 
 
-def lora_linear(x, W, b, A, B, s, idx=None, keep=1.0, mm=F.linear):
+def lora_linear(x, W, b, A, B, s, idx=None, keep=1.0, mm=F.linear, wx=None):
     """y = x W^T + b + s (dropout(x) A^T) B^T (N, d_out) for x (N, d_in), W frozen; dropout zeroes the
-    entries at flat indices idx (from dropout_positions) and scales by keep = 1/(1-p)."""
-    return _LoRALinear.apply(x, W, b, A, B, s, idx, keep, mm)
+    entries at flat indices idx (from dropout_positions) and scales by keep = 1/(1-p). wx (N, d_out): W0 x
+    already computed by the caller (its gradient dy is handed back to it)."""
+    return _LoRALinear.apply(x, W, b, A, B, s, idx, keep, mm, wx)
 
 
 class FastLoRALinear(lora.LoRALinear):
@@ -336,15 +348,15 @@ class FastLoRALinear(lora.LoRALinear):
         W, b, A = self.base.weight, self.base.bias, self.lora_A
         drop = self.dropout
         sparse = isinstance(drop, Dropout) or not drop.training or drop.p == 0  # a mask lora_linear can take
-        if wx is not None:
-            return super().forward(x, wx)
         if (self.merged or not sparse or x.device.type != "cpu" or not x.dtype == W.dtype == A.dtype == torch.float32
-                or W.requires_grad or (b is not None and b.requires_grad) or torch.is_autocast_enabled("cpu")):
-            return super().forward(x)
+                or W.requires_grad or (b is not None and b.requires_grad) or torch.is_autocast_enabled("cpu")
+                or (wx is not None and wx.dtype != torch.float32)):
+            return super().forward(x, wx)
         x2 = x.reshape(-1, x.shape[-1])                                   # (N, d_in)
+        wx2 = None if wx is None else wx.reshape(-1, wx.shape[-1])        # (N, d_out)
         idx = drop.positions(x2) if isinstance(drop, Dropout) else None   # (k,) flat indices to drop, or None
         mm = linear_for(getattr(self.base, "plan", {}))
-        y = lora_linear(x2, W, None if self.use_dora else b, A, self.lora_B, self.scaling, idx, 1 / (1 - drop.p), mm)
+        y = lora_linear(x2, W, None if self.use_dora else b, A, self.lora_B, self.scaling, idx, 1 / (1 - drop.p), mm, wx2)
         if self.use_dora:
             scale = self.magnitude / self.weight_norm()                   # (d_out,) m / ||W0 + sBA||, detached n
             y = scale * y if b is None else torch.addcmul(b.to(scale.dtype), scale, y)

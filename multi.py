@@ -35,8 +35,10 @@ own code: lora.LoRALinear(x, wx), moe_linear.MoELoRALinear(x, wx), MixLoRAFFN's 
 grouped_down / gated (the steps of its own forward). Two branches cannot take the shared FFN products and
 run whole on their slice: a MixLoRA FFN with DoRA down experts (m_e / n_e breaks the linearity its
 grouped down product needs) and an MLP with LoRAMoE / MoLA experts (a forward hook hands their routing
-out). NOTE: the accelerated LoRA product (kernels.lora_linear) includes W0 x, so with several adapters
-the LoRA deltas take plain autograd; one adapter alone never goes through this file (nothing is wrapped).
+out). With kernels.accelerate, a LoRA/DoRA branch finishes its slice by kernels.lora_linear given wx (the
+written-out backward: only x[k], shared with the other adapters' slices, is saved, not a dropout copy
+per adapter and projection), so K adapters together save for backward what the K alone save in all;
+one adapter alone never goes through this file (nothing is wrapped).
 
 MixLoRA routing, expert capacity (Switch), load balancing, the z-loss, the quality gate and the expert
 load are computed per adapter on its own slice: adapter k's MixLoRAFFN routes slice k with slice k of the
