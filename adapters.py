@@ -92,9 +92,8 @@ def add_adapter(run):
                           f"the head of {args.adapter_path}")
     n_train, n_total = mark_trainable(model)
     cfg = getattr(model, "adapter_config", None)
-    if getattr(cfg, "quality_gate", False):  # the quality-loss settings of this run (saved with the adapter)
-        cfg.quality_loss_type, cfg.quality_loss_weight = args.quality_loss, args.quality_loss_weight
-        cfg.sample_wise_averaging = args.sample_wise
+    if getattr(cfg, "quality_gate", False):
+        set_quality_loss(cfg, args)
     if args.warmup:  # Select-MoE stage 1: only the quality gates and the routers learn
         n_train = selection.freeze_for_warmup(model)
         run.log(f"warm-up: quality loss {args.quality_loss} (weight {args.quality_loss_weight:g}) over "
@@ -119,18 +118,27 @@ def add_adapters(run, specs):
     for flag, given, why in (
             ("--eval-only", args.eval_only, "to evaluate several, give their folders: --adapter-path A,B"),
             ("--adapter-path", args.adapter_path, "training several loaded adapters further is not implemented"),
-            ("--warmup", args.warmup, "the Select-MoE warm-up trains one MixLoRA adapter's quality gates"),
-            ("--quality-gate", args.quality_gate, "give it to one adapter's run (its quality-loss flags are the run's)")):
+            ("--warmup", args.warmup, "the Select-MoE warm-up trains one MixLoRA adapter's quality gates")):
         if given:
             raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)} ({why})")
+    configs = {}
+    for n, a in specs:
+        try:
+            configs[n] = adapter_config(a)
+        except ValueError as e:
+            hint = "; give the gate to MixLoRA adapters only: mixlora:quality_gate=true" if a.quality_gate else ""
+            raise ValueError(f"adapter {n!r}: {e}{hint}") from None
 
     def add_head(view, name):  # each adapter its own classification head, initialised as it would be alone
         if run.kind == "cls":
             view.score = classification_head(view.config.hidden_size, args.num_labels, run.device)
 
     run.base = multi.shared_copy(run.model) if run.kind != "cls" else None  # a base model has no class head
-    views = multi.add_adapters(run.model, {n: adapter_config(a) for n, a in specs}, args.seed, add_head)
+    views = multi.add_adapters(run.model, configs, args.seed, add_head)
     run.adapters = [Trainee(n, a, views[n], os.path.join(args.out, n)) for n, a in specs]
+    for t in run.adapters:  # each gated MixLoRA adapter: its own quality loss on its slice, the run's settings
+        if t.args.quality_gate:
+            set_quality_loss(t.model.adapter_config, t.args)
     run.history = {"eval": [], "adapters": {t.name: t.history for t in run.adapters}}
     n_total = sum(p.numel() for p in run.model.parameters())
     run.log(f"model {args.model}: {len(specs)} adapters on one frozen base, {n_total / 1e6:.1f}M parameters in all: "
@@ -139,6 +147,12 @@ def add_adapters(run, specs):
             + f" trainable; device {run.device}, {'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)"
             + (f" x {args.threads} threads" if args.threads else ""))
     run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(run.model))
+
+
+def set_quality_loss(cfg, args):
+    """The quality-loss settings of this run, in a gated adapter's config (saved with the adapter)."""
+    cfg.quality_loss_type, cfg.quality_loss_weight = args.quality_loss, args.quality_loss_weight
+    cfg.sample_wise_averaging = args.sample_wise
 
 
 def adapter_paths(args):

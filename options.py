@@ -253,7 +253,7 @@ def boolean(value):
 PER_ADAPTER = {"r": int, "lora_alpha": float, "lora_dropout": float, "target_modules": lambda v: v.replace("+", ","),
                "use_rslora": boolean, "num_experts": int, "top_k": int, "top_p": float, "temperature": float,
                "capacity_factor": float, "jitter_noise": float, "router_aux_loss_coef": float,
-               "router_z_loss_coef": float, "lr": float, "lora_plus_ratio": float, "weight_decay": float,
+               "router_z_loss_coef": float, "quality_gate": boolean, "lr": float, "lora_plus_ratio": float, "weight_decay": float,
                "grad_clip": float, "warmup_ratio": float, "schedule": str, "adapter_format": str}
 
 

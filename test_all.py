@@ -3251,6 +3251,22 @@ class TestMulti:
             assert (tmp_path / "multi" / name / "best" / "adapter_config.json").is_file()
             assert len((tmp_path / "multi" / name / "log.jsonl").read_text().splitlines()) == 1 + 2  # last step, 2 evals
 
+    def test_multi_adapter_quality_gate_equals_alone(self, ckpt, tmp_path):
+        """A MixLoRA adapter with a Select-MoE quality gate (bce quality loss on per-sample labels) trained beside
+        a LoRA and a gated MixLoRA-switch gets the per-step losses (quality term included) and final weights of
+        training it alone: each gate and quality loss sees its own slice only."""
+        d = write_jsonl(tmp_path / "q.jsonl", [{**r, "quality": i % 2} for i, r in enumerate(sft_rows())])
+        specs = "lora,mixlora:num_experts=3:quality_gate=true,mixlora-switch:num_experts=3:quality_gate=true"
+        flags = [*multi_common(d), "--quality-loss", "bce", "--quality-loss-weight", "2"]
+        together = run(ckpt, tmp_path / "multi", *flags, "--adapter", specs)["adapters"]
+        for spec, name in zip(specs.split(","), ["lora", "mixlora", "mixlora-switch"]):
+            alone = run(ckpt, tmp_path / name, *flags, "--adapter", spec)
+            torch.testing.assert_close(torch.tensor(together[name]["loss"]), torch.tensor(alone["loss"]), rtol=1e-5, atol=1e-6)
+            a, b = saved_adapter_tensors(tmp_path / "multi" / name / "last"), saved_adapter_tensors(tmp_path / name / "last")
+            assert a.keys() == b.keys() and (name == "lora" or any("quality_gate" in k for k in a))
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
     def test_multi_adapter_resume(self, ckpt, tmp_path, monkeypatch):
         """Interrupting several adapters trained together (Ctrl-C) and resuming gives the uninterrupted losses."""
         d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
@@ -3308,6 +3324,7 @@ class TestMulti:
         (["--adapter", "lora,dora:r=x"], "r: invalid literal"),
         (["--adapter", "lora,dora:r=999"], "adapter 'dora': r=999"),
         (["--adapter", "lora,mixlora", "--warmup"], "--warmup works with one adapter"),
+        (["--adapter", "lora,mixlora", "--quality-gate"], "adapter 'lora': --quality-gate/--warmup need MoE layers"),
         (["--adapter", "lora,mixlora", "--eval-only"], "--adapter-path A,B"),
         (["--adapter", "lora,mixlora", "--adapter-path", "a"], "training several loaded adapters further is not"),
         (["--adapter-path", "a,b"], "several folders are for --eval-only"),

@@ -185,7 +185,8 @@ def encode_training_set(run, train_items):
     if empty:  # nothing to predict: a batch of these would divide a zero loss by zero targets
         raise ValueError(f"{empty[0].where or empty[0].task}: a training example has no target token "
                          f"(--max-len {args.max_len}); {len(empty)} such example(s)")
-    if getattr(getattr(run.model, "adapter_config", None), "quality_gate", False) and args.quality_loss == "bce" and any(
+    gated = any(getattr(getattr(t.model, "adapter_config", None), "quality_gate", False) for t in run.adapters)
+    if gated and args.quality_loss == "bce" and any(
             getattr(e, "quality", None) is None for e in train_items):
         raise ValueError("--quality-loss bce needs a 'quality' label (1 good, 0 bad) on every record of --data")
     if n_cut:
