@@ -1,6 +1,7 @@
 """adapters.py: stage 3 of train.py, the run's adapters: a fresh one from the flags, one loaded from
 --adapter-path (evaluated, trained further, or given quality gates for the Select-MoE warm-up), several
-trained together on one frozen base (multi.py), or several loaded for --eval-only; then what trains is
+trained together on one frozen base (multi.py), fresh or loaded from --adapter-path A,B, or several loaded
+for --eval-only; then what trains is
 marked and the model is accelerated (kernels.accelerate, unless --no-accelerate).
 
 Each adapter of the run is a `Trainee`: its flags, its model (the whole model when it trains alone, its
@@ -58,10 +59,7 @@ def add_adapter(run):
     args, model = run.args, run.model
     specs = parse_adapters(args)
     if len(adapter_paths(args)) > 1:
-        if not args.eval_only:
-            raise ValueError(f"--adapter-path {args.adapter_path}: several folders are for --eval-only (training "
-                             "several loaded adapters further is not implemented)")
-        return load_adapters(run, adapter_paths(args))
+        return (load_adapters if args.eval_only else continue_adapters)(run, adapter_paths(args))
     if len(specs) > 1:
         return add_adapters(run, specs)
     vars(args).update(vars(specs[0][1]))  # one adapter: its overrides are simply the run's flags
@@ -117,7 +115,7 @@ def add_adapters(run, specs):
     args = run.args
     for flag, given, why in (
             ("--eval-only", args.eval_only, "to evaluate several, give their folders: --adapter-path A,B"),
-            ("--adapter-path", args.adapter_path, "training several loaded adapters further is not implemented"),
+            ("--adapter-path", args.adapter_path, "to train several loaded adapters further, give only --adapter-path A,B"),
             ("--warmup", args.warmup, "the Select-MoE warm-up trains one MixLoRA adapter's quality gates")):
         if given:
             raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)} ({why})")
@@ -135,6 +133,36 @@ def add_adapters(run, specs):
 
     run.base = multi.shared_copy(run.model) if run.kind != "cls" else None  # a base model has no class head
     views = multi.add_adapters(run.model, configs, args.seed, add_head)
+    start_trainees(run, specs, views)
+
+
+def continue_adapters(run, paths):
+    """---- 3 (several --adapter-path, training). Each folder's adapter is loaded onto its own view of the one
+    frozen base (multi.load_views, then multi.wire) and trained further, its kind and settings from its files
+    as one --adapter-path's are (options.adopt_adapter_settings); named by its kind (lora, lora2, ...)."""
+    args = run.args
+    if args.warmup:
+        raise ValueError("--warmup works with one --adapter-path (the Select-MoE warm-up of several adapters at "
+                         "once is not implemented)")
+    run.base = multi.shared_copy(run.model) if run.kind != "cls" else None
+    specs, views = [], {}
+    for path, view in multi.load_views(run.model, paths).items():
+        a = argparse.Namespace(**{**vars(args), "adapter_path": path})
+        adopt_adapter_settings(a, view.adapter_config)
+        check_head(run, view, path)
+        name, i = a.adapter, 2
+        while name in views:
+            name, i = f"{a.adapter}{i}", i + 1
+        mark_trainable(view.to(run.device))
+        specs.append((name, a))
+        views[name] = view
+    start_trainees(run, specs, multi.wire(run.model, views))
+
+
+def start_trainees(run, specs, views):
+    """The Trainees of several adapters on one base (their flags `specs`, their views), the log line, and
+    kernels.accelerate."""
+    args = run.args
     run.adapters = [Trainee(n, a, views[n], os.path.join(args.out, n)) for n, a in specs]
     for t in run.adapters:  # each gated MixLoRA adapter: its own quality loss on its slice, the run's settings
         if t.args.quality_gate:
@@ -165,10 +193,15 @@ def load_adapters(run, paths):
     view of the one frozen base (multi.load_views), as training evaluates them."""
     run.adapters = []
     for i, (path, view) in enumerate(multi.load_views(run.model, paths).items()):
-        if run.kind == "cls" and getattr(view, "score", None) is None:
-            raise ValueError(f"{path}: classification data needs an adapter with a classification head")
-        if run.kind == "cls":
-            data.check_labels([x for v in run.evals.values() for x in v], view.score.out_features, f"the head of {path}")
+        check_head(run, view, path)
         if not run.args.no_accelerate:
             kernels.accelerate(view)
         run.adapters.append(Trainee(path, run.args, view.to(run.device), os.path.join(run.args.out, "predictions", f"{i + 1}")))
+
+
+def check_head(run, view, path):
+    """Classification data: the adapter loaded from `path` has a head, with room for every label."""
+    if run.kind == "cls" and getattr(view, "score", None) is None:
+        raise ValueError(f"{path}: classification data needs an adapter with a classification head")
+    if run.kind == "cls":
+        data.check_labels([x for v in run.evals.values() for x in v], view.score.out_features, f"the head of {path}")

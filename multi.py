@@ -307,7 +307,13 @@ def add_adapters(model, configs, seed, prepare=None):
         except ValueError as e:
             raise ValueError(f"adapter {name!r}: {e}") from None
         views[name] = view
-    streams = Streams(configs)
+    return wire(model, views)
+
+
+def wire(model, views):
+    """Put K adapter views of `model` into it, in place: a ProjectionSite or FFNSite wherever some adapter
+    acts, one random stream per adapter; returns views ({name: view}, in batch-plan order)."""
+    streams = Streams(views)
     for path in site_names(model):
         branches = {name: view.get_submodule(path) for name, view in views.items()}
         if any(p.requires_grad for m in branches.values() for p in m.parameters()):  # some adapter acts here
@@ -320,8 +326,8 @@ def add_adapters(model, configs, seed, prepare=None):
 
 
 def load_views(model, paths):
-    """{path: view} for --eval-only: each adapter folder loaded (adapter_files.load_adapter) onto its own
-    shared_copy of one loaded base model, so K adapters hold one copy of the base weights."""
+    """{path: view}: each adapter folder loaded (adapter_files.load_adapter) onto its own shared_copy of one
+    loaded base model, so K adapters hold one copy of the base weights (--eval-only; wire() them to train)."""
     if len(set(paths)) < len(paths):
         raise ValueError(f"--adapter-path names a folder twice: {','.join(paths)}")
     views = {}

@@ -150,7 +150,7 @@ arg("--overwrite", action="store_true", help="replace the run already in --out (
 arg("--eval-only", action="store_true", help="only evaluate (the base model, or --adapter-path) and exit")
 arg("--adapter-path", help="adapter folder (a run's best/ or last/, or PEFT/MixLoRA files): evaluated with "
   "--eval-only (several, comma-separated: each evaluated on the one base, then one table), warmed up with "
-  "--warmup, else trained further; its kind and settings come from its files (the "
+  "--warmup, else trained further (several: together on one base, each in OUT/KIND); its kind and settings come from its files (the "
   "adapter flags left at their defaults take the file's values; one set to a different value is an error)")
 # Select-MoE: stage 1 warm-up here, then selection.py --score / --select
 arg("--quality-gate", action="store_true", help="add a Select-MoE quality gate g and trash expert to every MixLoRA FFN")
