@@ -115,8 +115,7 @@ def add_adapters(run, specs):
     args = run.args
     for flag, given, why in (
             ("--eval-only", args.eval_only, "to evaluate several, give their folders: --adapter-path A,B"),
-            ("--adapter-path", args.adapter_path, "to train several loaded adapters further, give only --adapter-path A,B"),
-            ("--warmup", args.warmup, "the Select-MoE warm-up trains one MixLoRA adapter's quality gates")):
+            ("--adapter-path", args.adapter_path, "to train several loaded adapters further, give only --adapter-path A,B")):
         if given:
             raise ValueError(f"{flag} works with one adapter; --adapter names {len(specs)} ({why})")
     configs = {}
@@ -141,14 +140,23 @@ def continue_adapters(run, paths):
     frozen base (multi.load_views, then multi.wire) and trained further, its kind and settings from its files
     as one --adapter-path's are (options.adopt_adapter_settings); named by its kind (lora, lora2, ...)."""
     args = run.args
-    if args.warmup:
-        raise ValueError("--warmup works with one --adapter-path (the Select-MoE warm-up of several adapters at "
-                         "once is not implemented)")
     run.base = multi.shared_copy(run.model) if run.kind != "cls" else None
     specs, views = [], {}
-    for path, view in multi.load_views(run.model, paths).items():
+
+    def add_gates(path, view):  # Select-MoE stage 1 on each, as one --warmup --adapter-path: gates added
+        try:
+            selection.add_quality_gates(view, trash_mode=args.trash_mode, init_bias=args.quality_gate_init_bias)
+        except ValueError as e:
+            raise ValueError(f"--warmup --adapter-path {path}: {e}") from None
+        if args.router_aux_loss_coef is not None:
+            view.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
+
+    for path, view in multi.load_views(run.model, paths, args.seed, add_gates if args.warmup else None).items():
         a = argparse.Namespace(**{**vars(args), "adapter_path": path})
-        adopt_adapter_settings(a, view.adapter_config)
+        if args.warmup:  # the flags as given, as one warm-up takes them
+            a.adapter = view.adapter_config.routing_strategy
+        else:
+            adopt_adapter_settings(a, view.adapter_config)
         check_head(run, view, path)
         name, i = a.adapter, 2
         while name in views:
@@ -165,8 +173,10 @@ def start_trainees(run, specs, views):
     args = run.args
     run.adapters = [Trainee(n, a, views[n], os.path.join(args.out, n)) for n, a in specs]
     for t in run.adapters:  # each gated MixLoRA adapter: its own quality loss on its slice, the run's settings
-        if t.args.quality_gate:
+        if getattr(t.model.adapter_config, "quality_gate", False):
             set_quality_loss(t.model.adapter_config, t.args)
+        if args.warmup:  # after multi.wire: a frozen adapter still acts at its sites
+            selection.freeze_for_warmup(t.model)
     run.history = {"eval": [], "adapters": {t.name: t.history for t in run.adapters}}
     n_total = sum(p.numel() for p in run.model.parameters())
     run.log(f"model {args.model}: {len(specs)} adapters on one frozen base, {n_total / 1e6:.1f}M parameters in all: "

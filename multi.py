@@ -325,12 +325,18 @@ def wire(model, views):
     return views
 
 
-def load_views(model, paths):
+def load_views(model, paths, seed=None, then=None):
     """{path: view}: each adapter folder loaded (adapter_files.load_adapter) onto its own shared_copy of one
-    loaded base model, so K adapters hold one copy of the base weights (--eval-only; wire() them to train)."""
+    loaded base model, so K adapters hold one copy of the base weights (--eval-only; wire() them to train).
+    seed: torch.manual_seed(seed) before each load and then(path, view) right after it, so that each view
+    draws the random numbers one run with that --adapter-path draws (the warm-up's gate init)."""
     if len(set(paths)) < len(paths):
         raise ValueError(f"--adapter-path names a folder twice: {','.join(paths)}")
     views = {}
     for path in paths:
+        if seed is not None:
+            torch.manual_seed(seed)
         views[path] = load_adapter(shared_copy(model), path)
+        if then is not None:
+            then(path, views[path])
     return views

@@ -3284,6 +3284,24 @@ class TestMulti:
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
+    def test_multi_adapter_warmup_equals_alone(self, ckpt, tmp_path):
+        """The Select-MoE warm-up of two loaded MixLoRA adapters at once (--warmup --adapter-path A,B: gates added,
+        only gates and routers train) gives each the losses and final weights of its warm-up alone."""
+        d = write_jsonl(tmp_path / "q.jsonl", [{**r, "quality": i % 2} for i, r in enumerate(sft_rows())])
+        run(ckpt, tmp_path / "first", *multi_common(d), "--adapter", "mixlora,mixlora-switch")
+        paths = [str(tmp_path / "first" / n / "last") for n in ("mixlora", "mixlora-switch")]
+        flags = [*multi_common(d), "--warmup", "--quality-loss", "bce", "--quality-gate-init-bias", "2"]
+        together = run(ckpt, tmp_path / "multi", *flags, "--adapter-path", ",".join(paths))["adapters"]
+        for name, path in zip(["mixlora", "mixlora-switch"], paths):
+            alone = run(ckpt, tmp_path / name, *flags, "--adapter-path", path)
+            torch.testing.assert_close(torch.tensor(together[name]["loss"]), torch.tensor(alone["loss"]), rtol=1e-5, atol=1e-6)
+            a, b = saved_adapter_tensors(tmp_path / "multi" / name / "last"), saved_adapter_tensors(tmp_path / name / "last")
+            assert a.keys() == b.keys() and any("quality_gate" in k for k in a)
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+            first = saved_adapter_tensors(tmp_path / "first" / name / "last")
+            assert all(torch.equal(a[k], first[k]) for k in first if "moe_gate" not in k)  # experts frozen
+
     def test_multi_adapter_resume(self, ckpt, tmp_path, monkeypatch):
         """Interrupting several adapters trained together (Ctrl-C) and resuming gives the uninterrupted losses."""
         d = write_jsonl(tmp_path / "d.jsonl", sft_rows())
@@ -3340,7 +3358,7 @@ class TestMulti:
         (["--adapter", "lora,dora:max_len=8"], "'max_len=8' is not key=value with a per-adapter key"),
         (["--adapter", "lora,dora:r=x"], "r: invalid literal"),
         (["--adapter", "lora,dora:r=999"], "adapter 'dora': r=999"),
-        (["--adapter", "lora,mixlora", "--warmup"], "--warmup works with one adapter"),
+        (["--adapter", "lora,mixlora", "--warmup"], "adapter 'lora': --quality-gate/--warmup need MoE layers"),
         (["--adapter", "lora,mixlora", "--quality-gate"], "adapter 'lora': --quality-gate/--warmup need MoE layers"),
         (["--adapter", "lora,mixlora", "--eval-only"], "--adapter-path A,B"),
         (["--adapter", "lora,mixlora", "--adapter-path", "a"], "give only --adapter-path A,B"),
