@@ -3286,7 +3286,8 @@ class TestMulti:
 
     def test_multi_adapter_warmup_equals_alone(self, ckpt, tmp_path):
         """The Select-MoE warm-up of two loaded MixLoRA adapters at once (--warmup --adapter-path A,B: gates added,
-        only gates and routers train) gives each the losses and final weights of its warm-up alone."""
+        only gates and routers train) gives each the losses and final weights of its warm-up alone; so does the
+        warm-up of two fresh ones (--warmup --adapter mixlora,mixlora-switch)."""
         d = write_jsonl(tmp_path / "q.jsonl", [{**r, "quality": i % 2} for i, r in enumerate(sft_rows())])
         run(ckpt, tmp_path / "first", *multi_common(d), "--adapter", "mixlora,mixlora-switch")
         paths = [str(tmp_path / "first" / n / "last") for n in ("mixlora", "mixlora-switch")]
@@ -3301,6 +3302,10 @@ class TestMulti:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
             first = saved_adapter_tensors(tmp_path / "first" / name / "last")
             assert all(torch.equal(a[k], first[k]) for k in first if "moe_gate" not in k)  # experts frozen
+        fresh = run(ckpt, tmp_path / "fresh", *flags, "--adapter", "mixlora,mixlora-switch")["adapters"]  # fresh experts
+        for name in fresh:
+            alone = run(ckpt, tmp_path / f"fresh-{name}", *flags, "--adapter", name)
+            torch.testing.assert_close(torch.tensor(fresh[name]["loss"]), torch.tensor(alone["loss"]), rtol=1e-5, atol=1e-6)
 
     def test_multi_adapter_resume(self, ckpt, tmp_path, monkeypatch):
         """Interrupting several adapters trained together (Ctrl-C) and resuming gives the uninterrupted losses."""
