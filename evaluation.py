@@ -1,5 +1,6 @@
 """evaluation.py: what a run measures and prints: evaluation of every source, the per-question
-prediction files, the one-line and table summaries, and the expert-load reports.
+prediction files, the one-line and table summaries, each training step's progress line and log.jsonl
+record, and the expert-load reports.
 
     results = evaluation.evaluate(model, tok, {"arc-e": items}, args, device=device, ctx=ctx, predictions="out/predictions")
     print(evaluation.format_results(results))       # arc-e: accuracy 41.2% (n=250; chance 25.0%, majority 27.6%)
@@ -19,13 +20,14 @@ prediction files' records in both formats (test_predictions_jsonl).
 import json
 import math
 import os
+import time
 
 import torch
 
 import cloze
 import data
 import losses
-from progress import Progress, track
+from progress import Progress, format_eta, track
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -277,3 +279,41 @@ def load_report(load):
         names = ",".join(f"e{e}" for e in dead[l].nonzero().flatten().tolist()) or "-"
         lines.append(f"L{l:<5}" + "".join(f"{100 * v:6.1f}" for v in load[l].tolist()) + f"  {float(ratio[l]):8.2f}x  {names}")
     return "\n".join(lines)
+
+
+def log_step(run, done, stats):
+    """One progress line per logging step (each adapter's loss terms), each adapter's figures in its
+    log.jsonl; every step's loss in the history."""
+    line, rank0 = [], run.rank == 0 and (done % run.args.log_every == 0 or done == run.total_steps)
+    dt = time.time() - run.t0
+    tok_s = run.tokens_seen * run.world / dt
+    lrs = {s["lr"] for s in stats}
+    for t, s in zip(run.adapters, stats):
+        terms, loss_value = s["terms"], sum(s["terms"].values())
+        t.history["loss"].append(loss_value)
+        if not rank0:
+            continue
+        rec = {"step": done, "loss": loss_value, **terms, "lr": s["lr"], "grad_norm": s["grad_norm"], "tok_s": tok_s}
+        label = "loss" if len(run.adapters) == 1 else t.name
+        part = f"{label} {loss_value:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "task")
+        if len(lrs) > 1:
+            part = part.rstrip() + f" lr {s['lr']:.2e}"
+        if s["loads"]:
+            load = torch.stack(s["loads"]).mean(0)                              # (L,E)
+            rec["load"] = load.tolist()
+            cfg = t.model.adapter_config
+            experts = cfg.layer_experts(len(t.model.model.layers)) if hasattr(cfg, "layer_experts") else None
+            summary = load_summary(load, experts)
+            if len(run.adapters) > 1:  # several adapters: each adapter's load beside its loss
+                part = part.rstrip() + f" {summary}"
+        line.append(part if len(run.adapters) == 1 else part.rstrip())
+        t.log_file.write(json.dumps(rec) + "\n")
+        t.log_file.flush()
+    if rank0:
+        eta = dt / (done - run.start) * (run.total_steps - done)
+        text = (f"step {done}/{run.total_steps} | " + " | ".join(line)
+                + (f" | lr {stats[0]['lr']:.2e}" if len(lrs) == 1 else "")
+                + f" | {tok_s:.0f} tok/s | eta {format_eta(eta)}")
+        if len(run.adapters) == 1 and stats[0]["loads"]:
+            text += f" | {summary}"
+        run.log(text)

@@ -29,7 +29,7 @@ BUDGET_FRACTION = 0.8      # of the memory free after loading; the rest for the 
 
 def bytes_per_token(model_cfg, adapter_cfg, bf16=False, checkpointing=False):
     """Training memory per token of a micro-batch: a rule fitted to bench.py's peaks on SmolLM2-135M (fp32,
-    dropout 0.05: LoRA 1.7, DoRA 2.4, MixLoRA top-2 3.3, top-p 9.8, switch 1.8 MB per token), with 25%
+    dropout 0.05; the per-token figures it was fitted to are in the README, section Memory), with 25%
     slack for padding and the allocator:
 
         floats per token = L * (10 D + 5 I (1 + a) + [DoRA] 3 (D + I))

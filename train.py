@@ -6,8 +6,8 @@ One flat script, read top to bottom like nanoGPT's train.py: the state of a run 
 adapters.Trainee per adapter), then one function per stage, numbered as main calls them: 1. processes
 and device, 2. model, tokenizer and data, 3. the adapter (adapters.py; then --eval-only branches off),
 4. the tokenised training set and the micro-batch, 5. optimiser (the schedule is lr_scale), 6. resume
-(resume.py), 7. the loop (train_step: micro-batches, gradient sync, AdamW; log_step: one line), 8. final
-evaluation and saving. Beside it: the flags, their defaults and the adapter and data they name in
+(resume.py), 7. the loop (train_step: micro-batches, gradient sync, AdamW; then evaluation.log_step's
+line), 8. final evaluation and saving. Beside it: the flags, their defaults and the adapter and data they name in
 options.py, evaluation and the printed summaries in evaluation.py, the micro-batch from a memory budget
 in memory.py, several adapters on one base in multi.py; the data side (formats, scoring, collation) in
 data.py, the tasks and their prompts in tasks.py, the losses in losses.py.
@@ -57,9 +57,9 @@ import resume
 import selection
 import tokenizer
 from adapter_files import save_adapter
-from evaluation import evaluate, format_results, forward, headline, load_report, load_summary, results_table
+from evaluation import evaluate, format_results, forward, headline, load_report, log_step, results_table
 from lora import lora_plus_param_groups
-from progress import format_eta, track
+from progress import track
 from routers import router_stats
 
 SMALL_EVAL = 50            # fewer evaluation examples than this: a warning that the figures are noisy
@@ -102,7 +102,6 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------------
 # The stages, in the order main calls them
-
 
 
 def setup_processes(args):
@@ -152,7 +151,6 @@ def load_model_and_data(run):
     return train_items
 
 
-
 def evaluate_only(run):
     """---- --eval-only: the model (the base, or --adapter-path), or each of several --adapter-path folders
     and then one results table; predictions/ (predictions/N for the N-th folder) is all it writes."""
@@ -198,7 +196,6 @@ def encode_training_set(run, train_items):
     return enc
 
 
-
 def make_optimizer(run):
     """---- 5. optimiser: for each adapter its own AdamW on its parameters only, LoRA+ groups (lr * ratio
     for lora_B); each group keeps its peak lr as base_lr, which lr_scale multiplies."""
@@ -228,7 +225,6 @@ def lr_scale(step, total_steps, args):
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-
 def run_eval(run, step):
     """Evaluate each adapter (rank 0), log the results, and save its OUT/best when its headline improves.
     Several adapters: step 0 evaluates the base model once (each starts from it). A non-finite adapter is
@@ -253,7 +249,6 @@ def run_eval(run, step):
                     save_adapter(t.model, os.path.join(t.out, "best"), t.args.adapter_format)  # atomic
     if run.world > 1:
         dist.barrier()
-
 
 
 def step_batches(run, enc, step):
@@ -372,44 +367,6 @@ def train_step(run, enc, step):
     return stats
 
 
-def log_step(run, done, stats):
-    """One progress line per logging step (each adapter's loss terms), each adapter's figures in its
-    log.jsonl; every step's loss in the history."""
-    line, rank0 = [], run.rank == 0 and (done % run.args.log_every == 0 or done == run.total_steps)
-    dt = time.time() - run.t0
-    tok_s = run.tokens_seen * run.world / dt
-    lrs = {s["lr"] for s in stats}
-    for t, s in zip(run.adapters, stats):
-        terms, loss_value = s["terms"], sum(s["terms"].values())
-        t.history["loss"].append(loss_value)
-        if not rank0:
-            continue
-        rec = {"step": done, "loss": loss_value, **terms, "lr": s["lr"], "grad_norm": s["grad_norm"], "tok_s": tok_s}
-        label = "loss" if len(run.adapters) == 1 else t.name
-        part = f"{label} {loss_value:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "task")
-        if len(lrs) > 1:
-            part = part.rstrip() + f" lr {s['lr']:.2e}"
-        if s["loads"]:
-            load = torch.stack(s["loads"]).mean(0)                              # (L,E)
-            rec["load"] = load.tolist()
-            cfg = t.model.adapter_config
-            experts = cfg.layer_experts(len(t.model.model.layers)) if hasattr(cfg, "layer_experts") else None
-            summary = load_summary(load, experts)
-            if len(run.adapters) > 1:  # several adapters: each adapter's load beside its loss
-                part = part.rstrip() + f" {summary}"
-        line.append(part if len(run.adapters) == 1 else part.rstrip())
-        t.log_file.write(json.dumps(rec) + "\n")
-        t.log_file.flush()
-    if rank0:
-        eta = dt / (done - run.start) * (run.total_steps - done)
-        text = (f"step {done}/{run.total_steps} | " + " | ".join(line)
-                + (f" | lr {stats[0]['lr']:.2e}" if len(lrs) == 1 else "")
-                + f" | {tok_s:.0f} tok/s | eta {format_eta(eta)}")
-        if len(run.adapters) == 1 and stats[0]["loads"]:
-            text += f" | {summary}"
-        run.log(text)
-
-
 def train(run, enc):
     """---- 7. the loop: one step, its log line, then the evaluation and checkpoint cadence (every
     --eval-every and --save-every steps, and after --save-minutes of training since the last checkpoint)."""
@@ -459,7 +416,6 @@ def finish(run):
         run.log(f"saved {where}/last (best: {where}/best) in {time.time() - run.t0:.0f}s")
         for t in run.adapters:
             t.log_file.close()
-
 
 
 # ----------------------------------------------------------------------------------------------------
