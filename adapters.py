@@ -59,6 +59,9 @@ def add_adapter(run):
     args, model = run.args, run.model
     specs = parse_adapters(args)
     if len(adapter_paths(args)) > 1:
+        if len(specs) > 1 or ":" in args.adapter:  # would be ignored: each folder brings its own settings
+            raise ValueError(f"--adapter {args.adapter} with several --adapter-path folders: each folder's adapter "
+                             "keeps its kind and settings from its files; give the run's flags only")
         return (load_adapters if args.eval_only else continue_adapters)(run, adapter_paths(args))
     if len(specs) > 1:
         return add_adapters(run, specs)

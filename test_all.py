@@ -3368,6 +3368,8 @@ class TestMulti:
         (["--adapter", "lora,mixlora", "--eval-only"], "--adapter-path A,B"),
         (["--adapter", "lora,mixlora", "--adapter-path", "a"], "give only --adapter-path A,B"),
         (["--adapter-path", "a,a"], "--adapter-path names a folder twice"),
+        (["--adapter", "lora,dora", "--adapter-path", "a,b"], "each folder's adapter keeps its kind and settings"),
+        (["--adapter", "mixlora:r=2", "--adapter-path", "a,b", "--warmup"], "each folder's adapter keeps its kind"),
     ])
     def test_multi_adapter_errors(self, ckpt, tmp_path, flags, words):
         """Duplicate names, unknown kinds or keys, a setting that cannot differ between adapters (they share
