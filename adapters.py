@@ -73,9 +73,7 @@ def add_adapter(run):
             load_adapter(model, args.adapter_path)
     elif args.warmup and args.adapter_path:  # Select-MoE stage 1 on a trained MixLoRA adapter
         load_adapter(model, args.adapter_path)
-        selection.add_quality_gates(model, trash_mode=args.trash_mode, init_bias=args.quality_gate_init_bias)
-        if args.router_aux_loss_coef is not None:
-            model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
+        add_warmup_gates(model, args)
     elif args.adapter_path:  # train it further: its kind and settings come from its files
         load_adapter(model, args.adapter_path)
         adopt_adapter_settings(args, model.adapter_config)
@@ -148,11 +146,9 @@ def continue_adapters(run, paths):
 
     def add_gates(path, view):  # Select-MoE stage 1 on each, as one --warmup --adapter-path: gates added
         try:
-            selection.add_quality_gates(view, trash_mode=args.trash_mode, init_bias=args.quality_gate_init_bias)
+            add_warmup_gates(view, args)
         except ValueError as e:
             raise ValueError(f"--warmup --adapter-path {path}: {e}") from None
-        if args.router_aux_loss_coef is not None:
-            view.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
 
     for path, view in multi.load_views(run.model, paths, args.seed, add_gates if args.warmup else None).items():
         a = argparse.Namespace(**{**vars(args), "adapter_path": path})
@@ -188,6 +184,14 @@ def start_trainees(run, specs, views):
             + f" trainable; device {run.device}, {'bf16 autocast' if run.bf16 else 'fp32'}, {run.world} process(es)"
             + (f" x {args.threads} threads" if args.threads else ""))
     run.log("plain modules (--no-accelerate)" if args.no_accelerate else kernels.accelerate(run.model))
+
+
+def add_warmup_gates(model, args):
+    """Select-MoE stage 1 on a loaded MixLoRA adapter: quality gates added (selection.add_quality_gates), and
+    --router-aux-loss-coef, if given, replacing the adapter's balance coefficient."""
+    selection.add_quality_gates(model, trash_mode=args.trash_mode, init_bias=args.quality_gate_init_bias)
+    if args.router_aux_loss_coef is not None:
+        model.adapter_config.router_aux_loss_coef = args.router_aux_loss_coef
 
 
 def set_quality_loss(cfg, args):

@@ -1129,11 +1129,11 @@ class TestKernels:
     @pytest.mark.parametrize("use_dora", [False, True])
     @pytest.mark.parametrize("dropout", [0.0, 0.3])
     @pytest.mark.parametrize("bias", [True, False])
-    @pytest.mark.parametrize("shared", [False, True])
-    def test_lora_fast_path_matches_autograd(self, use_dora, dropout, bias, shared):
+    @pytest.mark.parametrize("given_wx", [False, True])
+    def test_lora_fast_path_matches_autograd(self, use_dora, dropout, bias, given_wx):
         """kernels.FastLoRALinear (the written-out backward) gives the plain LoRALinear's output and gradients
         for x, A, B and m, with and without dropout (the same sparse-dropout entries from the same seed) and bias;
-        shared: with W0 x computed by the caller (multi.py), its gradient handed back through it."""
+        given_wx: with W0 x computed by the caller (multi.py), its gradient handed back through it."""
         torch.manual_seed(0)
         plain = LoRALinear(nn.Linear(12, 9, bias=bias), r=3, lora_alpha=6, lora_dropout=dropout, use_dora=use_dora)
         nn.init.normal_(plain.lora_B, std=0.3)
@@ -1148,7 +1148,7 @@ class TestKernels:
         def run(layer):
             xg = x.clone().requires_grad_()
             torch.manual_seed(1)  # the same dropout mask both times
-            y = layer(xg, F.linear(xg, layer.base.weight)) if shared else layer(xg)
+            y = layer(xg, F.linear(xg, layer.base.weight)) if given_wx else layer(xg)
             (y * w).sum().backward()
             grads = [getattr(layer, n).grad.clone() for n in names] + [xg.grad]
             return y.detach(), grads, graph_node_names(y.grad_fn)
