@@ -84,12 +84,14 @@ arg("--router-z-loss-coef", type=float, default=None, help="router z-loss coeffi
   f"(reference): {strategy_defaults('router_z_loss_coef')}")
 arg("--router-init-range", type=float, default=None, help="router init: the normal std (mixlora*), a^2 of the "
   f"Kaiming-uniform init (loramoe, mola); None = the strategy's (reference): {strategy_defaults('router_init_range')}")
-arg("--blc-weight", type=float, default=0.0, help="loramoe: weight of LoRAMoE's localized balancing constraint "
-  "(0 = off, as in the reference; the paper's beta)")
-arg("--blc-alpha", type=float, default=0.0, help="loramoe: the constraint's delta, how much each expert group "
-  "favours its own type (e.g. 0.1; 0 = plain balance of all experts)")
-arg("--blc-knowledge", default="", help="loramoe: comma-separated task names (or --data file names) whose samples are "
-  "type 1 (world knowledge: the first half of the experts); the other samples are type 0")
+for flag, kind, default, text in (  # LoRAMoE's localized balancing constraint: off by default, as in the reference
+        ("--blc-weight", float, 0.0, "weight of LoRAMoE's localized balancing constraint (0 = off, as in the "
+                                     "reference; the paper's beta)"),
+        ("--blc-alpha", float, 0.0, "the constraint's delta, how much each expert group favours its own type "
+                                    "(e.g. 0.1; 0 = plain balance of all experts)"),
+        ("--blc-knowledge", str, "", "comma-separated task names (or --data file names) whose samples are type 1 "
+                                     "(world knowledge: the first half of the experts); the other samples are type 0")):
+    arg(flag, type=kind, default=default, help="loramoe: " + text)
 arg("--adapter-format", default="peft", choices=["peft", "mixlora"], help="file format of saved adapters")
 # data
 arg("--task", help="comma-separated tasks: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, demo")
