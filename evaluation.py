@@ -10,7 +10,7 @@ after its prompt, data.py) or as lm-evaluation-harness does (cloze: the options'
 log-likelihoods, cloze.py); classification by the head on the last real token (accuracy, F1, MCC; several
 labels: every class with a logit > 0); lm data by the mean loss per target token. Each is reported beside
 its chance and majority baselines. train.py calls evaluate at step 0, every --eval-every steps and at the
-end (and alone with --eval-only); the per-question records go to predictions/.
+end, and evaluate_only is its --eval-only mode; the per-question records go to predictions/.
 
 Checked in test_all.py: the labels format picks the best of the question's own options on a stub model
 whose scores are known (test_scoring_restricted_to_own_options); cloze scores are the continuations'
@@ -207,6 +207,27 @@ def score_batch(model, tok, chunk, batch, device, ctx):
         scored.append((pred, gold, {"index": it["example"].index, "scores": logits[b].tolist(),
                                     "pred": sorted(pred) if multi else pred, "gold": sorted(gold) if multi else gold}))
     return scored
+
+
+def evaluate_only(run):
+    """train.py --eval-only, after its stage 3: the model (the base, or --adapter-path), or each of several
+    --adapter-path folders and then one results table; predictions/ (predictions/N for the N-th folder) is
+    all it writes. Returns {"eval": results}, or {"eval": {folder: results}}."""
+    args = run.args
+    if len(run.adapters) < 2:  # the base model, or one --adapter-path: loaded into run.model
+        folder = os.path.join(args.out, "predictions")
+        results = (evaluate(run.model, run.tok, run.evals, args, device=run.device, ctx=run.ctx, predictions=folder)
+                   if run.rank == 0 else {})
+        run.log(format_results(results))
+        return {"eval": results}
+    out = {}
+    for t in run.adapters if run.rank == 0 else ():
+        out[t.name] = evaluate(t.model, run.tok, run.evals, args, device=run.device, ctx=run.ctx, predictions=t.out)
+        run.log(f"{t.name}: {format_results(out[t.name])}")
+        t.history["eval"].append(out[t.name])
+    if out:
+        run.log(results_table(run))
+    return {"eval": out}
 
 
 def headline(results):

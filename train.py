@@ -4,13 +4,14 @@ the adapter.
 
 One flat script, read top to bottom like nanoGPT's train.py: the state of a run (`Run`, with one
 adapters.Trainee per adapter), then one function per stage, numbered as main calls them: 1. processes
-and device, 2. model, tokenizer and data, 3. the adapter (adapters.py; then --eval-only branches off),
-4. the tokenised training set and the micro-batch, 5. optimiser (the schedule is lr_scale), 6. resume
-(resume.py), 7. the loop (train_step: micro-batches, gradient sync, AdamW; then evaluation.log_step's
-line), 8. final evaluation and saving. Beside it: the flags, their defaults and the adapter and data they name in
-options.py, evaluation and the printed summaries in evaluation.py, the micro-batch from a memory budget
-in memory.py, several adapters on one base in multi.py; the data side (formats, scoring, collation) in
-data.py, the tasks and their prompts in tasks.py, the losses in losses.py.
+and device, 2. model, tokenizer and data, 3. the adapter (adapters.py; then --eval-only branches off to
+evaluation.evaluate_only), 4. the tokenised training set and the micro-batch, 5. optimiser (the schedule
+is lr_scale), 6. resume (resume.py), 7. the loop (train_step: micro-batches, gradient sync, AdamW; then
+evaluation.log_step's line), 8. final evaluation and saving. Beside it: the flags, their defaults and the
+adapter and data they name in options.py, evaluation (the --eval-only mode too) and the printed summaries
+in evaluation.py, the micro-batch from a memory budget in memory.py, several adapters on one base in
+multi.py; the data side (formats, scoring, collation) in data.py, the tasks and their prompts in tasks.py,
+the losses in losses.py.
 
     python train.py                                      # MixLoRA on a built-in task, accuracy before/after
     python train.py --model PATH --task arc-e,boolq --max-train 400 --max-eval 300 --out runs/mt
@@ -57,7 +58,7 @@ import resume
 import selection
 import tokenizer
 from adapter_files import save_adapter
-from evaluation import evaluate, format_results, forward, headline, load_report, log_step, results_table
+from evaluation import evaluate, evaluate_only, format_results, forward, headline, load_report, log_step, results_table
 from lora import lora_plus_param_groups
 from progress import track
 from routers import router_stats
@@ -149,26 +150,6 @@ def load_model_and_data(run):
         args.num_labels = 1 + max(max(l, default=0) if isinstance(l, list) else l for l in labels)
     data.check_labels(train_items + [x for v in run.evals.values() for x in v], args.num_labels, "--num-labels")
     return train_items
-
-
-def evaluate_only(run):
-    """---- --eval-only: the model (the base, or --adapter-path), or each of several --adapter-path folders
-    and then one results table; predictions/ (predictions/N for the N-th folder) is all it writes."""
-    args = run.args
-    if len(adapters.adapter_paths(args)) < 2:
-        folder = os.path.join(args.out, "predictions")
-        results = (evaluate(run.model, run.tok, run.evals, args, device=run.device, ctx=run.ctx, predictions=folder)
-                   if run.rank == 0 else {})
-        run.log(format_results(results))
-        return {"eval": results}
-    out = {}
-    for t in run.adapters if run.rank == 0 else ():
-        out[t.name] = evaluate(t.model, run.tok, run.evals, args, device=run.device, ctx=run.ctx, predictions=t.out)
-        run.log(f"{t.name}: {format_results(out[t.name])}")
-        t.history["eval"].append(out[t.name])
-    if out:
-        run.log(results_table(run))
-    return {"eval": out}
 
 
 def encode_training_set(run, train_items):
