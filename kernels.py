@@ -15,6 +15,8 @@ loading, merging and an optimiser already holding the parameters see no change):
     FastLoRALinear   lora.LoRALinear whose CPU fp32 product y = W0 x + b + s B A drop(x) has its backward
                      written out (lora_linear): no saved dropout output, fewer temporaries
     Dropout          nn.Dropout whose CPU mask is drawn as Geometric gaps (dropout_positions)
+    FastLlamaMLP     llama.LlamaMLP whose CPU fp32 SwiGLU product silu(g) * v has its backward written
+                     out (swiglu): g and v saved, silu(g) recomputed, one (N, I) tensor less per layer
 and one process setting: keep_freed_memory (glibc keeps large freed blocks for reuse).
 `accelerate(model, linear="mkl", lora=False, ...)` leaves a measure out (bench.py compares them);
 `restore(model)` turns every swapped module back into its plain class. Which measures pay on which CPU
@@ -22,10 +24,12 @@ is measured by bench.py and recorded in the README.
 
 Checked against the plain modules: test_accelerated_model_matches_plain (outputs and the gradient of
 every trainable parameter, for lora, dora and the three MixLoRA routers), test_fast_linear_matches_f_linear,
-test_lora_fast_path_matches_autograd, test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries,
+test_lora_fast_path_matches_autograd, test_swiglu_matches_autograd_and_saves_less,
+test_accelerated_swiglu_matches_plain (frozen, LoRA, DoRA, MixLoRA, several adapters), test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries,
 test_keep_freed_memory_keeps_large_blocks_resident.
 
-Shape legend: N rows (tokens), d_in / d_out the layer's input / output width, r rank, k dropped entries.
+Shape legend: N rows (tokens), d_in / d_out the layer's input / output width, r rank, k dropped entries,
+I the FFN's intermediate width.
 """
 import ctypes
 import json
@@ -39,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import llama
 import lora
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,18 +369,65 @@ class FastLoRALinear(lora.LoRALinear):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The SwiGLU product with its backward written out
+
+class _SwiGLU(torch.autograd.Function):
+    """h = silu(g) * v = g sigmoid(g) v, saving g and v only: plain autograd also saves silu(g) (the mul's
+    operand), a third (N, I) tensor per layer. The backward recomputes silu(g) from g:
+
+        dv = dy silu(g)                                  (N, I)
+        dg = (dy v) silu'(g),  silu'(g) = s (1 + g (1 - s)),  s = sigmoid(g)    (N, I)
+
+    dg is torch's own silu backward (autograd.grad of silu at g, given dy v), so both gradients are plain
+    autograd's to the bit; the recomputation costs one elementwise pass over g."""
+
+    @staticmethod
+    def forward(ctx, g, v):  # g, v (..., I)
+        ctx.save_for_backward(g, v)
+        return F.silu(g).mul_(v)                                          # (..., I) one new tensor
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (..., I)
+        g, v = ctx.saved_tensors
+        with torch.enable_grad():
+            g1 = g.detach().requires_grad_()
+            a = F.silu(g1)                                                # (..., I) silu(g) again
+        dg = torch.autograd.grad(a, g1, dy * v)[0] if ctx.needs_input_grad[0] else None  # (..., I)
+        dv = a.detach().mul_(dy) if ctx.needs_input_grad[1] else None     # (..., I)
+        return dg, dv
+
+
+def swiglu(g, v):
+    """silu(g) * v (..., I) with the backward above (gradients equal to plain autograd's to float rounding)."""
+    return _SwiGLU.apply(g, v)
+
+
+class FastLlamaMLP(llama.LlamaMLP):
+    """llama.LlamaMLP whose gated hidden silu(g) * v is `swiglu` when it is CPU fp32 in a graph (the
+    forward, its modules and multi.py's shared-product FFN unchanged); otherwise the plain product."""
+
+    def swiglu(self, g, v):  # (B,T,I), (B,T,I) -> (B,T,I)
+        if (g.device.type != "cpu" or not g.dtype == v.dtype == torch.float32 or torch.is_autocast_enabled("cpu")
+                or not torch.is_grad_enabled() or not (g.requires_grad or v.requires_grad)):
+            return super().swiglu(g, v)
+        return swiglu(g, v)
+
+
+# ----------------------------------------------------------------------------------------------------
 # accelerate / restore
 
-PLAIN = {FastLinear: nn.Linear, FastLoRALinear: lora.LoRALinear, Dropout: nn.Dropout}
+PLAIN = {FastLinear: nn.Linear, FastLoRALinear: lora.LoRALinear, Dropout: nn.Dropout,
+         FastLlamaMLP: llama.LlamaMLP}
 
 
-def accelerate(model, linear="auto", lora_product=True, dropout=True, keep_memory=True):
+def accelerate(model, linear="auto", lora_product=True, dropout=True, swiglu_product=True, keep_memory=True):
     """Swap the fast modules into `model` in place (call it after the adapters are injected) and apply
     the process setting; returns a one-line summary of what was applied.
 
     linear: "auto" (choose_linear on the model's projection shapes), "onednn" (every regime) or "mkl"
     (leave nn.Linear as it is). lora_product: FastLoRALinear for every LoRA layer. dropout: the
-    Geometric-gap Dropout for every nn.Dropout. keep_memory: keep_freed_memory(). Only CPU fp32 layers
+    Geometric-gap Dropout for every nn.Dropout. swiglu_product: FastLlamaMLP for every llama.LlamaMLP
+    (frozen or LoRA-wrapped). keep_memory: keep_freed_memory(). Only CPU fp32 layers
     are touched; on a GPU or in bf16 the model stays plain."""
     cpu32 = lambda m: m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
     done = []
@@ -404,6 +456,11 @@ def accelerate(model, linear="auto", lora_product=True, dropout=True, keep_memor
         for m in drops:
             m.__class__ = Dropout
         done.append(f"sparse dropout in {len(drops)} modules")
+    if swiglu_product:
+        mlps = [m for m in model.modules() if type(m) is llama.LlamaMLP and cpu32(getattr(m.down_proj, "base", m.down_proj))]
+        for m in mlps:
+            m.__class__ = FastLlamaMLP
+        done.append(f"SwiGLU product with its written-out backward in {len(mlps)} MLPs")
     if keep_memory:
         done.append("keep_freed_memory " + ("on" if keep_freed_memory() else "unavailable (not glibc)"))
     return "accelerate: " + "; ".join(done)

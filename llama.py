@@ -236,7 +236,12 @@ class LlamaMLP(nn.Module):
 
     def forward(self, u, token_mask=None):
         # token_mask (B,T) is unused here; MoE replacements use it to skip padding in routing.
-        return self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u))
+        return self.down_proj(self.swiglu(self.gate_proj(u), self.up_proj(u)))
+
+    def swiglu(self, g, v):  # (B,T,I), (B,T,I) -> (B,T,I)
+        """The gated hidden silu(g) * v of gate and up outputs (a method of its own so that multi.py's
+        shared-product FFN computes it the same way)."""
+        return F.silu(g) * v
 
 
 class DecoderLayer(nn.Module):

@@ -239,7 +239,7 @@ def ffn_hidden(m, u, mask, G, U):
         r = m.route(u, mask)
         h, d = m.grouped_hidden(x, r, G.reshape(x.shape[0], -1), U.reshape(x.shape[0], -1))
         return h, (r, d)
-    h = F.silu(project(m.gate_proj, u, G)) * project(m.up_proj, u, U)      # (B, T, I), llama.LlamaMLP
+    h = m.swiglu(project(m.gate_proj, u, G), project(m.up_proj, u, U))    # (B, T, I), llama.LlamaMLP
     return h.reshape(-1, h.shape[-1]), h
 
 

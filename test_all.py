@@ -1230,6 +1230,68 @@ class TestKernels:
         kernels.restore(fast)
         assert not any(type(m) in kernels.PLAIN for m in fast.modules())
 
+    def test_swiglu_matches_autograd_and_saves_less(self):
+        """kernels.swiglu gives silu(g) * v and the gradients of g and v of plain autograd, and saves two (N, I)
+        tensors for the backward where plain autograd saves three (g, silu(g), v)."""
+        torch.manual_seed(0)
+        g, v, dy = torch.randn(3, 5, 16, requires_grad=True), torch.randn(3, 5, 16, requires_grad=True), torch.randn(3, 5, 16)
+        saved = {}
+        for name, fn in (("plain", lambda g, v: F.silu(g) * v), ("fast", kernels.swiglu)):
+            sizes = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+                h = fn(g, v)
+            saved[name] = (h.detach(), torch.autograd.grad(h, (g, v), dy), sum(sizes))
+        assert_close(saved["fast"][0], saved["plain"][0], rtol=0, atol=0)
+        for a, b in zip(saved["fast"][1], saved["plain"][1]):
+            assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert (saved["plain"][2], saved["fast"][2]) == (3 * g.numel(), 2 * g.numel())
+
+    @pytest.mark.parametrize("method", ["frozen", "lora", "dora", "mixlora", "multi"])
+    def test_accelerated_swiglu_matches_plain(self, method):
+        """With FastLlamaMLP swapped in (the frozen model, LoRA, DoRA, MixLoRA, and a LoRA + DoRA + MixLoRA
+        multi-adapter model), the logits and the gradients of every trainable parameter and of the input
+        embeddings equal the plain model's; restore gives back llama.LlamaMLP."""
+        all7 = list(PROJECTIONS)
+
+        def build():
+            torch.manual_seed(0)
+            model = llama.LlamaForCausalLM(tiny_config())
+            if method == "multi":
+                multi.add_adapters(model, {"lora": LoraConfig(r=4, target_modules=all7), "dora": LoraConfig(
+                    r=2, use_dora=True, target_modules=all7), "mix": MixLoRAConfig(r=4, num_experts=3)}, seed=0)
+            elif method == "frozen":
+                model.requires_grad_(False)                                  # bench.py's train-frozen row
+            else:
+                inject_adapter(model, MixLoRAConfig(r=4, num_experts=4) if method == "mixlora" else
+                               LoraConfig(r=4, lora_alpha=8, target_modules=all7, use_dora=method == "dora"))
+            randomize(model)
+            return model.train()
+
+        def step(model):
+            ids, emb = IDS.clamp(max=47).repeat(3 if method == "multi" else 1, 1), {}
+            torch.manual_seed(3)                                             # the same dropout and jitter draws
+            hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: emb.setdefault("x", out.requires_grad_()))
+            out = model(ids)
+            hook.remove()
+            out.logits.square().mean().backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            return out.logits.detach(), grads, emb["x"].grad, graph_node_names(out.logits.grad_fn)
+
+        plain, fast = build(), build()
+        summary = kernels.accelerate(fast, linear="mkl", lora_product=False, dropout=False, keep_memory=False)
+        swapped = sum(type(m) is kernels.FastLlamaMLP for m in fast.modules())
+        assert f"SwiGLU product with its written-out backward in {swapped} MLPs" in summary
+        assert swapped == {"mixlora": 0, "multi": 4}.get(method, 2)       # MixLoRA's FFN has no LlamaMLP
+        (y1, g1, dx1, n1), (y2, g2, dx2, n2) = step(plain), step(fast)
+        assert "_SwiGLUBackward" not in n1 and ("_SwiGLUBackward" in n2) == (swapped > 0)
+        assert_close(y2, y1, rtol=1e-6, atol=1e-6)
+        assert_close(dx2, dx1, rtol=1e-5, atol=1e-7)
+        assert g1.keys() == g2.keys() and (len(g1) > 0) == (method != "frozen")
+        for k in g1:
+            assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)
+        kernels.restore(fast)
+        assert [type(m) for m in fast.modules()] == [type(m) for m in plain.modules()]
+
     def test_plain_modules_hold_no_speed_code(self):
         """llama.py, lora.py, moe_lora.py and moe_linear.py are plain PyTorch: no kernels import, no private op,
         no C calls."""
