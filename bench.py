@@ -9,7 +9,7 @@ variant per round, a warm-up round, then `--repeats` rounds) and each figure is 
 
 Variants: `plain` (the modules as llama.py / lora.py / moe_lora.py build them), `accelerated`
 (kernels.accelerate(model) as the tools call it), and for A/B checks `accelerated-lora`,
-`accelerated-dropout`, `accelerated-linear` (one measure left out) and `accelerated+onednn` (the oneDNN
+`accelerated-dropout`, `accelerated-linear`, `accelerated-mixlora` (one measure left out) and `accelerated+onednn` (the oneDNN
 linear in every regime instead of the measured choice). The process setting keep_freed_memory cannot
 be switched per call; it applies to the whole run (off: --no-keep-freed-memory).
 
@@ -295,6 +295,7 @@ class Bench:
 
 VARIANTS = {"plain": None, "accelerated": {}, "accelerated-lora": dict(lora_product=False),
             "accelerated-dropout": dict(dropout=False), "accelerated-linear": dict(linear="mkl"),
+            "accelerated-mixlora": dict(mixlora=False),
             "accelerated+onednn": dict(linear="onednn")}
 
 

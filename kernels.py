@@ -17,14 +17,17 @@ loading, merging and an optimiser already holding the parameters see no change):
     Dropout          nn.Dropout whose CPU mask is drawn as Geometric gaps (dropout_positions)
     FastLlamaMLP     llama.LlamaMLP whose CPU fp32 SwiGLU product silu(g) * v has its backward written
                      out (swiglu): g and v saved, silu(g) recomputed, one (N, I) tensor less per layer
+    FastMixLoRAFFN   moe_lora.MixLoRAFFN whose expert step (the experts' gate/up LoRA, act(g) v w, the
+                     down LoRA, on the routed slots) is one autograd node with its backward written out
+                     (kernels_moe.py)
 and one process setting: keep_freed_memory (glibc keeps large freed blocks for reuse).
-`accelerate(model, linear="mkl", lora=False, ...)` leaves a measure out (bench.py compares them);
-`restore(model)` turns every swapped module back into its plain class. Which measures pay on which CPU
+`accelerate(model, linear="mkl", lora_product=False, mixlora=False, ...)` leaves a measure out (bench.py
+compares them); `restore(model)` turns every swapped module back into its plain class. Which measures pay on which CPU
 is measured by bench.py and recorded in the README.
 
 Checked against the plain modules: test_accelerated_model_matches_plain (outputs and the gradient of
-every trainable parameter, for lora, dora and the three MixLoRA routers), test_fast_linear_matches_f_linear,
-test_lora_fast_path_matches_autograd, test_swiglu_matches_autograd_and_saves_less,
+every trainable parameter, for lora, dora and the three MixLoRA routers), TestKernelsMoE (kernels_moe.py),
+test_fast_linear_matches_f_linear, test_lora_fast_path_matches_autograd, test_swiglu_matches_autograd_and_saves_less,
 test_accelerated_swiglu_matches_plain (frozen, LoRA, DoRA, MixLoRA, several adapters), test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries,
 test_keep_freed_memory_keeps_large_blocks_resident.
 
@@ -43,8 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels_moe
 import llama
 import lora
+import moe_lora
 
 # ----------------------------------------------------------------------------------------------------
 # Process setting: glibc's malloc keeps large freed blocks (constants from glibc's <malloc.h>)
@@ -417,17 +422,19 @@ class FastLlamaMLP(llama.LlamaMLP):
 # accelerate / restore
 
 PLAIN = {FastLinear: nn.Linear, FastLoRALinear: lora.LoRALinear, Dropout: nn.Dropout,
-         FastLlamaMLP: llama.LlamaMLP}
+         FastLlamaMLP: llama.LlamaMLP, kernels_moe.FastMixLoRAFFN: moe_lora.MixLoRAFFN}
 
 
-def accelerate(model, linear="auto", lora_product=True, dropout=True, swiglu_product=True, keep_memory=True):
+def accelerate(model, linear="auto", lora_product=True, dropout=True, swiglu_product=True, keep_memory=True,
+               mixlora=True):
     """Swap the fast modules into `model` in place (call it after the adapters are injected) and apply
     the process setting; returns a one-line summary of what was applied.
 
     linear: "auto" (choose_linear on the model's projection shapes), "onednn" (every regime) or "mkl"
     (leave nn.Linear as it is). lora_product: FastLoRALinear for every LoRA layer. dropout: the
     Geometric-gap Dropout for every nn.Dropout. swiglu_product: FastLlamaMLP for every llama.LlamaMLP
-    (frozen or LoRA-wrapped). keep_memory: keep_freed_memory(). Only CPU fp32 layers
+    (frozen or LoRA-wrapped). keep_memory: keep_freed_memory(). mixlora: the expert step of every MixLoRA
+    FFN with its backward written out (kernels_moe.FastMixLoRAFFN). Only CPU fp32 layers
     are touched; on a GPU or in bf16 the model stays plain."""
     cpu32 = lambda m: m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
     done = []
@@ -451,6 +458,12 @@ def accelerate(model, linear="auto", lora_product=True, dropout=True, swiglu_pro
         for m in layers:
             m.__class__ = FastLoRALinear
         done.append(f"LoRA product with its written-out backward in {len(layers)} layers")
+    if mixlora:
+        ffns = [m for m in model.modules() if type(m) is moe_lora.MixLoRAFFN and cpu32(m.gate_proj)]
+        for m in ffns:
+            m.__class__ = kernels_moe.FastMixLoRAFFN
+        if ffns:
+            done.append(f"MixLoRA expert step with its written-out backward in {len(ffns)} FFNs")
     if dropout:
         drops = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
         for m in drops:

@@ -41,6 +41,7 @@ import generate
 import adapter_files
 import guards
 import kernels
+import kernels_moe
 import llama
 import lora
 import losses
@@ -1215,12 +1216,16 @@ class TestKernels:
         for dropout in (0.0, 0.2):
             plain, fast = accelerated_pair(method, dropout)
             if dropout:
-                kernels.accelerate(plain, linear="mkl", lora_product=False, keep_memory=False)
+                kernels.accelerate(plain, linear="mkl", lora_product=False, keep_memory=False, mixlora=False)
+            drops = [script_expert_dropout(m, dropout) if dropout else [] for m in (plain, fast)]  # MixLoRA's experts
             summary = kernels.accelerate(fast, linear="onednn" if kernels.onednn_available() else "mkl", keep_memory=False)
             assert summary.startswith("accelerate: ") and "LoRA product" in summary
             assert any(type(m) is kernels.FastLoRALinear for m in fast.modules()) or method in ("loramoe", "mola")
             assert not dropout or any(type(m) is kernels.Dropout for m in fast.modules())
+            if method.startswith("mixlora"):
+                assert any(type(m) is kernels_moe.FastMixLoRAFFN for m in fast.modules()) and "MixLoRA expert" in summary
             (y1, g1), (y2, g2) = step_results(plain, ids), step_results(fast, ids)
+            assert all(d.row > 0 for d in drops[0] + drops[1])       # the scripted entries were used
             assert_close(y2, y1, rtol=1e-4, atol=5e-5)                 # oneDNN and MKL round differently
             assert g1.keys() == g2.keys() and len(g1) > 0
             for k in g1:
@@ -1300,6 +1305,158 @@ class TestKernels:
                 src = f.read()
             for needle in ("import kernels", "from kernels", "torch.ops.mkldnn", "ctypes", "mallopt"):
                 assert needle not in src, (name, needle)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels_moe.py
+
+
+class ScriptedDropout(kernels.Dropout):
+    """kernels.Dropout whose dropped entries are fixed in advance: entry (j, i) of the j-th row it has seen
+    since `row` was reset to 0 is dropped where table[j, i]. The plain per-expert calls (consecutive slices of
+    the slots) and the fast path's one call over all slots then drop the same entries."""
+
+    def __init__(self, p, seed, rows=256, cols=64):
+        super().__init__(p)
+        self.table = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < p
+        self.row = 0
+
+    def positions(self, x):  # x (n, d)
+        n, d = x.shape
+        self.row += n
+        return self.table[self.row - n:self.row, :d].reshape(-1).nonzero().squeeze(1)  # (k,) flat indices
+
+
+def script_expert_dropout(model, p):
+    """Every MixLoRA expert projection's dropout replaced by a ScriptedDropout (seeded by its order); returns them."""
+    drops = []
+    for m in model.modules():
+        if isinstance(m, MixLoRAFFN):
+            for proj in (m.gate_proj, m.up_proj, m.down_proj):
+                proj.dropout = ScriptedDropout(p, seed=len(drops))
+                drops.append(proj.dropout)
+    return drops
+
+
+def fast_and_plain_ffn(strategy, dropout, bias=False, **kw):
+    """(plain, accelerated) copies of a random MixLoRA FFN (D 16, I 24, 4 experts), the same scripted dropout in both."""
+    torch.manual_seed(0)
+    mlp = llama.LlamaMLP(llama.LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=1, mlp_bias=bias))
+    cfg = MixLoRAConfig(**{**dict(r=4, lora_alpha=8, lora_dropout=dropout, num_experts=4, routing_strategy=strategy,
+                                  router_init_range=0.5, capacity_factor=1.5), **kw})
+    plain = randomize(MixLoRAFFN(mlp, cfg, trash_expert=lambda u: 0.5 * u).train())
+    if dropout:
+        script_expert_dropout(plain, dropout)
+    fast = copy.deepcopy(plain)
+    kernels.accelerate(fast, keep_memory=False)
+    return plain, fast
+
+
+def ffn_step(ffn, u, mask, gate):
+    """(y, du): one forward and backward of a MixLoRA FFN on u with a fixed loss of y, the router logits and
+    (gate) the quality-gate logits, from a fixed seed (the same jitter and trash noise draws)."""
+    x = u.clone().requires_grad_()
+    torch.manual_seed(5)
+    y, aux = ffn(x, mask)
+    loss = (y * torch.linspace(-1, 1, y.shape[-1])).square().sum() + aux["router_logits"].square().sum()
+    if gate:
+        loss = loss + aux["gate_logits"].sum()
+    loss.backward()
+    return y, x.grad
+
+
+class TestKernelsMoE:
+    """kernels_moe.py: the MixLoRA expert step with its written-out backward gives the plain FFN's outputs and gradients."""
+
+    @pytest.mark.parametrize("strategy", MIXLORA_STRATEGIES)
+    @pytest.mark.parametrize("gate", [False, True])
+    @pytest.mark.parametrize("dropout,bias", [(0.0, False), (0.3, False), (0.3, True)])
+    def test_fast_mixlora_matches_plain(self, strategy, gate, dropout, bias):
+        """FastMixLoRAFFN (one autograd node for the experts) equals the plain MixLoRAFFN: the output and the gradient
+        of u and of every parameter (experts, router, quality gate), with padding, biased projections, and dropout
+        dropping the same entries (ScriptedDropout)."""
+        plain, fast = fast_and_plain_ffn(strategy, dropout, bias, quality_gate=gate, trash_expert_mode="noise")
+        assert type(fast) is kernels_moe.FastMixLoRAFFN and type(plain) is MixLoRAFFN
+        u = torch.randn(3, 7, 16)
+        mask = torch.ones(3, 7, dtype=torch.bool)
+        mask[2, 4:] = False
+        results = []
+        for ffn in (plain, fast):
+            for m in ffn.modules():
+                if isinstance(m, ScriptedDropout):
+                    m.row = 0
+            y, gx = ffn_step(ffn, u, mask, gate)
+            results.append((y, gx, {n: p.grad for n, p in ffn.named_parameters() if p.requires_grad},
+                            graph_node_names(y.grad_fn)))
+        (y1, gx1, g1, nodes1), (y2, gx2, g2, nodes2) = results
+        assert "_MixLoRAExpertsBackward" in nodes2 and "_MixLoRAExpertsBackward" not in nodes1
+        assert all(m.row > 0 for m in fast.modules() if isinstance(m, ScriptedDropout))  # its entries were used
+        assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+        assert_close(gx2, gx1, rtol=1e-4, atol=1e-5)
+        assert g1.keys() == g2.keys() and any("moe_gate" in k for k in g1) and (not gate or any("quality_gate" in k for k in g1))
+        for k in g1:
+            assert (g1[k] is None) == (g2[k] is None), k                # no tokens: None in both
+            if g1[k] is not None:
+                assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5, msg=k)
+        with torch.no_grad():
+            assert_close(fast.eval()(u, mask)[0], plain.eval()(u, mask)[0], rtol=1e-5, atol=1e-5)
+        assert type(kernels.restore(fast)) is MixLoRAFFN
+
+    def test_fast_mixlora_unrouted_expert_gets_no_gradient(self):
+        """An expert no token is routed to gets no gradient (None, so AdamW skips it) in both paths, and the others
+        get the plain path's gradients."""
+        plain, fast = fast_and_plain_ffn("mixlora", 0.0, top_k=3)
+        u = torch.rand(2, 5, 16) + 0.1                                  # positive inputs
+        grads = []
+        for ffn in (plain, fast):
+            with torch.no_grad():
+                ffn.moe_gate.weight.copy_(torch.ones(4, 16) * torch.tensor([[1.0], [2.0], [3.0], [-1.0]]))  # 3 never in the top 3
+            ffn(u)[0].square().sum().backward()
+            grads.append({n: p.grad for n, p in ffn.named_parameters() if p.requires_grad})
+        for k in grads[0]:
+            assert (grads[0][k] is None) == (grads[1][k] is None) == (".experts.3." in k), k
+            if grads[0][k] is not None:
+                assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+    def test_fast_mixlora_falls_back_where_it_does_not_apply(self):
+        """DoRA experts, bf16 autocast and a plain nn.Dropout in training run the plain methods (no expert node)."""
+        plain, fast = fast_and_plain_ffn("mixlora", 0.0, use_dora=True)
+        u = torch.randn(2, 5, 16, requires_grad=True)
+        assert_close(fast(u)[0], plain(u)[0])
+        assert "_MixLoRAExpertsBackward" not in graph_node_names(fast(u)[0].grad_fn)
+        plain, fast = fast_and_plain_ffn("mixlora", 0.0, lora_dropout=0.1)
+        kernels.restore(fast)
+        kernels.accelerate(fast, dropout=False, keep_memory=False)          # nn.Dropout: a mask, not positions
+        assert "_MixLoRAExpertsBackward" not in graph_node_names(fast(u)[0].grad_fn)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "_MixLoRAExpertsBackward" not in graph_node_names(fast.eval()(u)[0].grad_fn)
+
+    def test_fast_mixlora_in_multi_adapter_model(self):
+        """multi.py's shared base products with a MixLoRA adapter beside a LoRA one: the accelerated K-adapter model
+        (FastMixLoRAFFN given G, U and W_down h) gives the plain one's logits and every gradient."""
+        cfgs = {"lora": LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"),
+                "mix": MixLoRAConfig(r=4, num_experts=3, lora_dropout=0.0)}
+        models = []
+        for _ in range(2):
+            model = tiny_llama()
+            multi.add_adapters(model, cfgs, seed=3)
+            models.append(randomize(model).train())
+        plain, fast = models
+        kernels.accelerate(fast, keep_memory=False)
+        assert any(type(m) is kernels_moe.FastMixLoRAFFN for m in fast.modules())
+        ids = IDS.repeat(2, 1)
+        results = []
+        for model in (plain, fast):
+            out = model(ids)
+            out.logits.square().mean().backward()
+            results.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                            graph_node_names(out.logits.grad_fn)))
+        (y1, g1, nodes1), (y2, g2, nodes2) = results
+        assert "_MixLoRAExpertsBackward" in nodes2 and "_MixLoRAExpertsBackward" not in nodes1
+        assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+        assert g1.keys() == g2.keys() and any(".experts." in k for k in g1)
+        for k in g1:
+            assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1770,14 +1927,8 @@ class TestMoELoRA:
         mask[2, 4:] = False
         results = []
         for ffn in (fast, plain):
-            x = u.clone().requires_grad_()
-            torch.manual_seed(5)  # same jitter and trash noise draws
-            y, aux = ffn(x, mask)
-            loss = (y * torch.linspace(-1, 1, 16)).square().sum() + aux["router_logits"].square().sum()
-            if gate:
-                loss = loss + aux["gate_logits"].sum()
-            loss.backward()
-            results.append((y, x.grad, trainable_grads(ffn)))
+            y, gx = ffn_step(ffn, u, mask, gate)
+            results.append((y, gx, trainable_grads(ffn)))
         (y1, gx1, g1), (y2, gx2, g2) = results
         assert (y1[2, 4:] == 0).all() if not gate else True  # padding skips the experts
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
