@@ -20,8 +20,9 @@ p, as the plain per-expert draws, in 3 draws per layer instead of 3 E):
     h  = sum_slots a  -> its token's row (index_add)               (N, I)   W_down h: the caller's
     hd = c_d a0 A_d,e^T         dn = sum_slots hd B_d,e^T -> row   (S, r), (N, D)
 
-Backward, from dh (N, I) and ddn (N, D). Saved: x, g, v (S, I), w and the (S, r) products hg, hu, hd;
-xs, act(g), q and the dropped inputs are recomputed (a gather and elementwise passes). Then
+Backward, from dh (N, I) and ddn (N, D). Saved: x, g, v (S, I), w and the (S, r) products hg, hu, hd
+(g and v rather than G and U: rebuilding them would cost two gathers and two rank-r updates); xs, act(g),
+q and the dropped inputs are recomputed (one gather and elementwise passes). Then
 
     dyd = ddn[tok]                                                 (S, D)
     dB_d,e = dyd_e^T hd_e        dhd = c_d dyd B_d,e               (D, r), (S, r)
