@@ -69,6 +69,7 @@ import generate
 import guards
 import kernels
 import llama
+import lora
 import losses
 import memory
 import routers
@@ -121,7 +122,6 @@ def forward_flops(model, batch, seq):
 def adapter_config(method, dropout):
     """The adapter of a train-<method> row: what `train.py --adapter METHOD` builds (options.adapter_config)
     with r=16, alpha 32, 8 experts, top-2, on all 7 projections; every other setting the strategy's default."""
-    import lora
     import options
     args = options.parser.parse_args(["--adapter", method, "--r", "16", "--lora-alpha", "32", "--lora-dropout", str(dropout),
                                       "--num-experts", "8", "--top-k", "2", "--target-modules", ",".join(lora.PROJECTIONS)])
@@ -132,7 +132,7 @@ def train_step_fn(model, ids, answer_only, autocast=False):
     """A closure running forward + backward + AdamW on ids (B, T+1): inputs ids[:, :-1], targets ids[:, 1:];
     autocast: the forward and loss under torch.autocast(bfloat16)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None            # none for train-frozen
+    opt = lora.adamw([dict(params=params)], lr=1e-4) if params else None            # none for train-frozen
     x, y = ids[:, :-1], ids[:, 1:]                                          # (B,T) each
     mask = torch.ones_like(x, dtype=torch.bool)
     if answer_only:

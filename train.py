@@ -59,7 +59,7 @@ import selection
 import tokenizer
 from adapter_files import save_adapter
 from evaluation import evaluate, evaluate_only, format_results, forward, headline, load_report, log_step, results_table
-from lora import lora_plus_param_groups
+from lora import adamw, lora_plus_param_groups
 from progress import track
 from routers import router_stats
 
@@ -186,7 +186,7 @@ def make_optimizer(run):
         groups = lora_plus_param_groups(t.model, a.lr, a.lora_plus_ratio, a.weight_decay)
         for g in groups:
             g["base_lr"] = g["lr"]
-        t.opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)
+        t.opt = adamw(groups, lr=a.lr, weight_decay=a.weight_decay)
 
 
 def lr_scale(step, total_steps, args):
