@@ -9,7 +9,8 @@ variant per round, a warm-up round, then `--repeats` rounds) and each figure is 
 
 Variants: `plain` (the modules as llama.py / lora.py / moe_lora.py build them), `accelerated`
 (kernels.accelerate(model) as the tools call it), and for A/B checks `accelerated-lora`,
-`accelerated-dropout`, `accelerated-linear`, `accelerated-mixlora` (one measure left out) and `accelerated+onednn` (the oneDNN
+`accelerated-dropout`, `accelerated-linear`, `accelerated-mixlora`, `accelerated-swiglu` (one measure left out) and
+`accelerated+onednn` (the oneDNN
 linear in every regime instead of the measured choice). The process setting keep_freed_memory cannot
 be switched per call; it applies to the whole run (off: --no-keep-freed-memory).
 
@@ -273,7 +274,8 @@ class Bench:
             for v in variants:                                           # the last variant's fields are kept
                 t = statistics.median(times[name, v])
                 r = {"tok_s": tokens / t, "ms": 1e3 * t, "times_ms": [round(1e3 * x, 1) for x in times[name, v]],
-                     **extra, "peak_mb": peaks[name, v], "variants": {**r.get("variants", {}), v: 1e3 * t}}
+                     **extra, "peak_mb": peaks[name, v], "variants": {**r.get("variants", {}), v: 1e3 * t},
+                     "variant_peaks_mb": {**r.get("variant_peaks_mb", {}), v: peaks[name, v]}}
             if flops:
                 r["gflops"] = flops / (r["ms"] / 1e3) / 1e9
                 r["pct_peak"] = 100 * r["gflops"] / self.peak
@@ -295,7 +297,7 @@ class Bench:
 
 VARIANTS = {"plain": None, "accelerated": {}, "accelerated-lora": dict(lora_product=False),
             "accelerated-dropout": dict(dropout=False), "accelerated-linear": dict(linear="mkl"),
-            "accelerated-mixlora": dict(mixlora=False),
+            "accelerated-mixlora": dict(mixlora=False), "accelerated-swiglu": dict(swiglu_product=False),
             "accelerated+onednn": dict(linear="onednn")}
 
 
