@@ -9,9 +9,8 @@ variant per round, a warm-up round, then `--repeats` rounds) and each figure is 
 
 Variants: `plain` (the modules as llama.py / lora.py / moe_lora.py build them), `accelerated`
 (kernels.accelerate(model) as the tools call it), and for A/B checks `accelerated-lora`,
-`accelerated-dropout`, `accelerated-linear`, `accelerated-mixlora`, `accelerated-swiglu` (one measure left out) and
-`accelerated+onednn` (the oneDNN
-linear in every regime instead of the measured choice). The process setting keep_freed_memory cannot
+`accelerated-dropout`, `accelerated-linear`, `accelerated-mixlora`, `accelerated-swiglu` (one measure
+left out) and `accelerated+onednn` (the oneDNN linear in every regime instead of the measured choice). The process setting keep_freed_memory cannot
 be switched per call; it applies to the whole run (off: --no-keep-freed-memory).
 
 How to read the table. First the machine's measured matmul peak (a 2048^3 matmul in the compute dtype,
