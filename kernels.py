@@ -27,8 +27,9 @@ is measured by bench.py and recorded in the README.
 
 Checked against the plain modules: test_accelerated_model_matches_plain (outputs and the gradient of
 every trainable parameter, for lora, dora and the three MixLoRA routers), TestKernelsMoE (kernels_moe.py),
-test_fast_linear_matches_f_linear, test_lora_fast_path_matches_autograd, test_swiglu_matches_autograd_and_saves_less,
-test_accelerated_swiglu_matches_plain (frozen, LoRA, DoRA, MixLoRA, several adapters), test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries,
+test_fast_linear_matches_f_linear, test_lora_fast_path_matches_autograd,
+test_swiglu_matches_autograd_and_saves_less, test_accelerated_swiglu_matches_plain (frozen, LoRA, DoRA,
+MixLoRA, several adapters), test_dropout_positions_are_bernoulli, test_dropout_module_zeroes_drawn_entries,
 test_keep_freed_memory_keeps_large_blocks_resident.
 
 Shape legend: N rows (tokens), d_in / d_out the layer's input / output width, r rank, k dropped entries,
