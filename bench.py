@@ -72,6 +72,7 @@ import llama
 import lora
 import losses
 import memory
+import onednn
 import routers
 
 B, T = 4, 256                 # training / forward batch
@@ -414,7 +415,7 @@ def main(argv=None):
         dev = bench.device
         peak32 = matmul_peak(dev, torch.float32, args.repeats)
         bench.peak = peak32 if bench.dtype == torch.float32 else matmul_peak(dev, bench.dtype, args.repeats)
-        header = (f"# {args.model} | {args.device} {args.dtype} | {kernels.cpu_model()} | {torch.get_num_threads()} "
+        header = (f"# {args.model} | {args.device} {args.dtype} | {onednn.cpu_model()} | {torch.get_num_threads()} "
                   f"threads | torch {torch.__version__} | keep freed memory {kept} | "
                   f"fp32 matmul peak {peak32:.1f} GFLOP/s"
                   + (f" | {args.dtype} peak {bench.peak:.1f}" if bench.dtype != torch.float32 else "")

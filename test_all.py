@@ -47,6 +47,7 @@ import lora
 import losses
 import memory
 import multi
+import onednn
 import options
 import resume
 import routers
@@ -1082,31 +1083,31 @@ class TestKernels:
     """kernels.py: each accelerated module gives the plain one's outputs and gradients; plain files hold no speed code."""
 
     def test_fast_linear_matches_f_linear(self):
-        """kernels.onednn_linear equals F.linear in value and in every gradient; FastLinear takes it only in the
+        """onednn.onednn_linear equals F.linear in value and in every gradient; FastLinear takes it only in the
         regimes its plan names, and F.linear itself for other dtypes and under autocast."""
-        if not kernels.onednn_available():
+        if not onednn.onednn_available():
             pytest.skip("this torch build has no oneDNN linear")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, 3, 16, generator=g).requires_grad_()
         w = torch.randn(8, 16, generator=g).requires_grad_()
         b = torch.randn(8, generator=g).requires_grad_()
         dy = torch.randn(2, 3, 8, generator=g)
-        got = kernels.onednn_linear(x, w, b)
+        got = onednn.onednn_linear(x, w, b)
         ref = F.linear(x, w, b)
         assert_close(got, ref, rtol=1e-5, atol=1e-5)
         for a, r in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(ref, (x, w, b), dy)):
             assert_close(a, r, rtol=1e-5, atol=1e-5)
         frozen = w.detach()                                            # frozen weight: only dx, x not kept
-        assert_close(torch.autograd.grad(kernels.onednn_linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
+        assert_close(torch.autograd.grad(onednn.onednn_linear(x, frozen), x, dy)[0], dy @ frozen, rtol=1e-5, atol=1e-5)
         with torch.no_grad():                                          # no graph (decoding)
-            assert_close(kernels.onednn_linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
-        assert kernels.regime(x, w) == "train" and kernels.regime(x.detach(), frozen) == "forward"
-        assert kernels.regime(x.detach()[0, :1], frozen) == "decode" and kernels.regime(x.bfloat16(), w.bfloat16()) is None
+            assert_close(onednn.onednn_linear(x.transpose(0, 1), w), F.linear(x.transpose(0, 1), w), rtol=1e-5, atol=1e-5)
+        assert onednn.regime(x, w) == "train" and onednn.regime(x.detach(), frozen) == "forward"
+        assert onednn.regime(x.detach()[0, :1], frozen) == "decode" and onednn.regime(x.bfloat16(), w.bfloat16()) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert kernels.regime(x, w) is None                        # autocast is honoured, not bypassed
+            assert onednn.regime(x, w) is None                        # autocast is honoured, not bypassed
         layer = nn.Linear(16, 8)
         kernels.accelerate(layer, linear="onednn", keep_memory=False)
-        assert type(layer) is kernels.FastLinear and set(layer.plan) == set(kernels.REGIMES)
+        assert type(layer) is onednn.FastLinear and set(layer.plan) == set(onednn.REGIMES)
         assert "OneDNNLinear" in layer(x).grad_fn.name() and "OneDNNLinear" not in F.linear(x, w).grad_fn.name()
         assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
         layer.plan = {"forward": "onednn"}                             # training products: F.linear itself
@@ -1232,7 +1233,7 @@ class TestKernels:
             if dropout:
                 kernels.accelerate(plain, linear="mkl", lora_product=False, keep_memory=False, mixlora=False)
             drops = [script_expert_dropout(m, dropout) if dropout else [] for m in (plain, fast)]  # MixLoRA's experts
-            summary = kernels.accelerate(fast, linear="onednn" if kernels.onednn_available() else "mkl", keep_memory=False)
+            summary = kernels.accelerate(fast, linear="onednn" if onednn.onednn_available() else "mkl", keep_memory=False)
             assert summary.startswith("accelerate: ") and "LoRA product" in summary
             assert any(type(m) is kernels.FastLoRALinear for m in fast.modules()) or method in ("loramoe", "mola")
             assert not dropout or any(type(m) is kernels.Dropout for m in fast.modules())
@@ -4234,7 +4235,7 @@ class TestBench:
         assert "/fwd" in rows["train-lora"]["note"] and "/LoRA" in rows["train-dora"]["note"]
         assert rows["load-float32"]["ratio"] > 0
         assert all(set(v["variants"]) == {"plain", "accelerated"} for k, v in rows.items() if not k.startswith("load"))
-        assert "accelerate: " in r.stdout and kernels.cpu_model() in r.stdout
+        assert "accelerate: " in r.stdout and onednn.cpu_model() in r.stdout
         bad = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", str(tmp_path / "nope")],
                              capture_output=True, text=True, cwd=HERE)
         assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
